@@ -1,0 +1,72 @@
+"""Reading and writing weight files.
+
+Released DiffBIR files are `.pth`/`.ckpt`/`.pt` pickles (read with `weights_only=True`);
+our own files are safetensors with their config stored as JSON in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+StateDict = dict[str, torch.Tensor]
+
+
+class WeightFileError(RuntimeError):
+    """A weight file is missing, unreadable or has an unexpected layout."""
+
+
+def unwrap_state_dict(obj: Mapping[str, Any]) -> StateDict:
+    """Apply the official unwrapping rules to a loaded checkpoint object.
+
+    Uses the `"state_dict"` entry when present (Lightning checkpoints), then strips a
+    `"module."` prefix (DataParallel/DDP saves) from every key that has it.
+    """
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    return {
+        (k[len("module.") :] if k.startswith("module.") else k): v
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def load_weight_file(path: str | Path) -> StateDict:
+    """Load a released or our own weight file onto the CPU as a flat state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: weight file not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, wrong format, truncated download
+        raise WeightFileError(f"{path}: cannot read weights ({exc})") from exc
+    if not isinstance(obj, Mapping):
+        raise WeightFileError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return unwrap_state_dict(obj)
+
+
+def save_safetensors(
+    state: Mapping[str, torch.Tensor], path: str | Path, config: Mapping[str, Any] | None = None
+) -> None:
+    """Save tensors as safetensors, with `config` as JSON under the metadata key "config"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {"config": json.dumps(config)} if config is not None else None
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_safetensors_config(path: str | Path) -> dict[str, Any] | None:
+    """Return the config stored in a safetensors file's metadata, or None."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["config"]) if "config" in meta else None

@@ -1,0 +1,34 @@
+"""Shared test helpers: fixture loading and deterministic seeding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (tensors, json metadata) of a reference fixture under tests/fixtures/."""
+    tensors = load_file(str(FIXTURES / f"{name}.safetensors"))
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    return tensors, meta
+
+
+def load_manifest(name: str) -> dict[str, list[int]]:
+    """Return a key → shape manifest of an official checkpoint layout."""
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Select the weights stored under `prefix` in a fixture and drop the prefix."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
