@@ -1,0 +1,42 @@
+"""Image size helpers shared by stage 1, the VAE and the diffusion pipeline (NCHW tensors)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pad_to_multiple(
+    x: Tensor, multiple: int, mode: str = "constant"
+) -> tuple[Tensor, tuple[int, int]]:
+    """Pad bottom/right so H and W are multiples of `multiple` (zeros by default, as the
+    original pipeline). Returns the padded tensor and the original (H, W)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)
+
+
+def crop_to(x: Tensor, h: int, w: int) -> Tensor:
+    """Keep the top-left (h, w) of `x`, undoing `pad_to_multiple`."""
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to the larger size ({h}, {w})")
+    return x[..., :h, :w]
+
+
+def resize_short_side_to(x: Tensor, min_side: int = 512) -> Tensor:
+    """Upscale (bicubic, antialiased) so the short side is `min_side`, if it is smaller.
+
+    The long side is scaled by the same ratio and truncated to an integer, as the original.
+    """
+    h, w = x.shape[-2:]
+    if min(h, w) >= min_side:
+        return x
+    if h == w:
+        size = (min_side, min_side)
+    elif h < w:
+        size = (min_side, int(w * (min_side / h)))
+    else:
+        size = (int(h * (min_side / w)), min_side)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True)
