@@ -24,7 +24,7 @@ def instantiate(config: Any) -> Any:
     constructors receive built objects, never config dicts.
     """
     if isinstance(config, DictConfig | ListConfig):
-        config = OmegaConf.to_container(config, resolve=True)
+        config = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
     if isinstance(config, Mapping):
         if "target" in config:
             params = {k: instantiate(v) for k, v in (config.get("params") or {}).items()}
