@@ -5,13 +5,12 @@ Guidance (classifier-free guidance, ...) wraps the model function instead of liv
 
 from __future__ import annotations
 
+from model.sampling.guidance import classifier_free_guidance, rescaled_cfg_scale
 from model.sampling.spaced_ddpm import (
     BUFFER_NAMES,
     SpacedSampler,
     SpacedSchedule,
-    classifier_free_guidance,
     make_spaced_schedule,
-    rescaled_cfg_scale,
     space_timesteps,
 )
 
