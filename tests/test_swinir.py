@@ -12,11 +12,11 @@ from torch import nn
 
 from model.checkpoint_io import WeightFileError
 from model.stage1 import restore_stage1
+from model.swin_blocks import shifted_window_mask
 from model.swinir import (
     SwinIR,
     load_swinir,
     save_swinir,
-    shifted_window_mask,
     swinir_diffbir_config,
 )
 
