@@ -1,0 +1,1 @@
+"""Lightning systems: thin training wrappers that receive already-built networks."""
