@@ -6,7 +6,7 @@
 
 The config has `system` (a LightningModule with its network, built recursively),
 `data` (a LightningDataModule with its datasets), `trainer` (pl.Trainer arguments),
-`logger`, `checkpoint`, `export`, `seed` and `output_dir`.
+`logger`, `checkpoint`, `export_prefix`, `seed` and `output_dir`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     system = instantiate(cfg.system)
     datamodule = instantiate(cfg.data)
     ckpt_cfg = cfg.get("checkpoint", {})
-    export_cfg = cfg.get("export", {})
     callbacks = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -100,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             save_last=True,
         ),
         LearningRateMonitor(logging_interval="step"),
-        ExportWeights(
-            dirpath=output_dir / "weights",
-            prefix=export_cfg.get("prefix", "network"),
-            config=OmegaConf.to_container(export_cfg.config, resolve=True)
-            if "config" in export_cfg
-            else None,
-        ),
+        ExportWeights(dirpath=output_dir / "weights", prefix=cfg.get("export_prefix", "network")),
     ]
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),

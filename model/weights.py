@@ -175,3 +175,8 @@ def resolve_weights(
             f"{search_dirs[0]}/ or pass --weights-dir:\n" + "\n".join(lines)
         )
     return found
+
+
+def weight_path(name: str, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR) -> str:
+    """Local path of one registry file (fetched if needed); usable as a YAML `target`."""
+    return str(resolve_weights([name], [weights_dir])[name])

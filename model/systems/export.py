@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from model.checkpoint_io import save_safetensors
@@ -16,29 +14,27 @@ log = logging.getLogger(__name__)
 class ExportWeights(Callback):
     """Write `<dirpath>/<prefix>_step<N>.safetensors` and `<prefix>_last.safetensors`.
 
-    The system provides `export_state() -> dict[str, Tensor]`; `config` (the network's
-    constructor arguments) is stored in the file's metadata so loaders need nothing else.
+    The system provides `export_state() -> dict[str, Tensor]` and `export_config() -> dict`
+    (what the loader needs to rebuild the network); the config goes into the file's metadata.
 
     Args:
         dirpath: folder for the exported files.
         prefix: file name prefix, e.g. "swinir" or "controlnet".
-        config: JSON-serialisable constructor arguments of the exported network.
     """
 
-    def __init__(self, dirpath: str | Path, prefix: str, config: dict[str, Any] | None) -> None:
+    def __init__(self, dirpath: str | Path, prefix: str) -> None:
         self.dirpath = Path(dirpath)
         self.prefix = prefix
-        self.config = config
         self._last_step: int | None = None
 
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        state = pl_module.export_state()
+        state, config = pl_module.export_state(), pl_module.export_config()
         step_file = self.dirpath / f"{self.prefix}_step{trainer.global_step:08d}.safetensors"
         for path in (step_file, self.dirpath / f"{self.prefix}_last.safetensors"):
-            save_safetensors(state, path, self.config)
+            save_safetensors(state, path, config)
         log.info("exported %d tensors to %s", len(state), step_file)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint) -> None:

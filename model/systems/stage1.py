@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
@@ -64,6 +66,10 @@ class Stage1System(LightningModule):
     def export_state(self) -> dict[str, torch.Tensor]:
         """Weights to export as safetensors: the whole restoration network."""
         return self.network.state_dict()
+
+    def export_config(self) -> dict[str, Any]:
+        """Constructor arguments stored with the exported weights (`load_swinir` reads them)."""
+        return self.network.config
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(
