@@ -33,3 +33,8 @@ def instantiate(config: Any) -> Any:
     if isinstance(config, list):
         return [instantiate(v) for v in config]
     return config
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """A YAML file as a plain dict, e.g. an architecture config referenced from a train config."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)

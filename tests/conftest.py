@@ -32,3 +32,23 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A folder of tiny random weights under the released file names (make_tiny_weights)."""
+    from scripts.make_tiny_weights import write_tiny_weights
+
+    out = tmp_path_factory.mktemp("tiny_weights")
+    write_tiny_weights(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory) -> Path:
+    """train/ and val/ folders of small photo crops (make_demo_images)."""
+    from scripts.make_demo_images import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["--out", str(out), "--count", "24", "--val-count", "4", "--size", "96"]) == 0
+    return out
