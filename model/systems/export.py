@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from model.checkpoint_io import save_safetensors
