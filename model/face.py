@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.checkpoint_io import WeightFileError, load_weight_file
-from model.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError, Source, WeightSpec
+from model.weights import DEFAULT_WEIGHTS_DIR, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +48,6 @@ BORDER_VALUE = (135 / 255, 133 / 255, 132 / 255)
 _PARSE_KEEP = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0], np.float32)
 _PARSE_SIZE = 512
 
-_FACEXLIB = "https://github.com/xinntao/facexlib/releases/download"
-FACE_WEIGHTS: dict[str, WeightSpec] = {
-    "retinaface_resnet50": WeightSpec(
-        "detection_Resnet50_Final.pth",
-        (Source(url=f"{_FACEXLIB}/v0.1.0/detection_Resnet50_Final.pth"),),
-        "face detector RetinaFace-ResNet50 (facexlib)",
-    ),
-    "retinaface_mobile0.25": WeightSpec(
-        "detection_mobilenet0.25_Final.pth",
-        (Source(url=f"{_FACEXLIB}/v0.1.0/detection_mobilenet0.25_Final.pth"),),
-        "face detector RetinaFace-MobileNet0.25 (facexlib)",
-    ),
-    "face_parsenet": WeightSpec(
-        "parsing_parsenet.pth",
-        (Source(url=f"{_FACEXLIB}/v0.2.2/parsing_parsenet.pth"),),
-        "face parsing ParseNet (facexlib), for the paste-back mask",
-    ),
-}
 DETECTION_MODELS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}
 
 
@@ -332,8 +314,9 @@ def find_face_weights(
     weights_dirs: str | Path | Sequence[str | Path] = DEFAULT_WEIGHTS_DIR,
     detection_model: str = "retinaface_resnet50",
     use_parsing: bool = True,
+    download: bool = True,
 ) -> dict[str, Path]:
-    """Local paths of the detection (and parsing) weights; never downloads.
+    """Local paths of the detection (and parsing) weights, from the weight registry.
 
     Raises:
         MissingWeightsError: listing every missing file, the folders searched and its URL.
@@ -342,31 +325,9 @@ def find_face_weights(
         raise ValueError(
             f"unknown face detector {detection_model!r}; choose from {', '.join(DETECTION_MODELS)}"
         )
-    dirs = (
-        [Path(weights_dirs)]
-        if isinstance(weights_dirs, str | Path)
-        else [Path(d) for d in weights_dirs]
-    )
+    dirs = [weights_dirs] if isinstance(weights_dirs, str | Path) else list(weights_dirs)
     names = [detection_model] + (["face_parsenet"] if use_parsing else [])
-    found, missing = {}, []
-    for name in names:
-        spec = FACE_WEIGHTS[name]
-        path = next((d / spec.filename for d in dirs if (d / spec.filename).is_file()), None)
-        if path is None:
-            missing.append(spec)
-        else:
-            found[name] = path
-    if missing:
-        lines = [
-            f"  {s.filename} ({s.description}); get it from: {s.sources[0].describe(s.filename)}"
-            for s in missing
-        ]
-        raise MissingWeightsError(
-            f"{len(missing)} face weight file(s) missing (looked in "
-            f"{', '.join(str(d) for d in dirs)}); put them in {dirs[0]}/ or pass --weights-dir:\n"
-            + "\n".join(lines)
-        )
-    return found
+    return resolve_weights(names, dirs, download=download)
 
 
 def _load_strict(net: nn.Module, path: Path, what: str) -> nn.Module:

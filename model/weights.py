@@ -49,6 +49,7 @@ _SD21_MIRRORS = (
     Source(repo_id="sd-research/stable-diffusion-2-1-base"),
 )
 _V1 = (Source(repo_id="lxq007/DiffBIR"),)
+_FACEXLIB = "https://github.com/xinntao/facexlib/releases/download"
 _V2 = (Source(repo_id="lxq007/DiffBIR-v2"),)
 
 REGISTRY: dict[str, WeightSpec] = {
@@ -78,6 +79,21 @@ REGISTRY: dict[str, WeightSpec] = {
             ),
         ),
         "stage-1 SCUNet-PSNR (v2, denoise)",
+    ),
+    "retinaface_resnet50": WeightSpec(
+        "detection_Resnet50_Final.pth",
+        (Source(url=f"{_FACEXLIB}/v0.1.0/detection_Resnet50_Final.pth"),),
+        "face detector RetinaFace-ResNet50 (facexlib)",
+    ),
+    "retinaface_mobile0.25": WeightSpec(
+        "detection_mobilenet0.25_Final.pth",
+        (Source(url=f"{_FACEXLIB}/v0.1.0/detection_mobilenet0.25_Final.pth"),),
+        "face detector RetinaFace-MobileNet0.25 (facexlib)",
+    ),
+    "face_parsenet": WeightSpec(
+        "parsing_parsenet.pth",
+        (Source(url=f"{_FACEXLIB}/v0.2.2/parsing_parsenet.pth"),),
+        "face parsing ParseNet (facexlib), for the paste-back mask",
     ),
 }
 

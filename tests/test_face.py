@@ -249,12 +249,13 @@ def test_parsing_mask_restricts_the_blend_to_the_face_outline() -> None:
     assert step < 0.15
 
 
-def test_missing_weights_error_lists_files_places_and_urls(tmp_path) -> None:
+def test_missing_weights_error_lists_files_places_and_urls(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError) as info:
         load_face_helper(tmp_path)
     msg = str(info.value)
     for part in [
-        "2 face weight file(s) missing",
+        "2 weight file(s) missing",
         str(tmp_path),
         "detection_Resnet50_Final.pth",
         "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
@@ -265,7 +266,7 @@ def test_missing_weights_error_lists_files_places_and_urls(tmp_path) -> None:
     with pytest.raises(MissingWeightsError) as info:
         find_face_weights([tmp_path, tmp_path / "b"], "retinaface_mobile0.25", use_parsing=False)
     msg = str(info.value)
-    assert "1 face weight file(s)" in msg and "mobilenet0.25" in msg and "parsenet" not in msg
+    assert "1 weight file(s)" in msg and "mobilenet0.25" in msg and "parsenet" not in msg
     assert str(tmp_path / "b") in msg
     with pytest.raises(ValueError, match="unknown face detector"):
         find_face_weights(tmp_path, "yolov5")
