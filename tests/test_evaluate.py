@@ -12,6 +12,7 @@ import pytest
 import torch
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim
 
+from model import iqa
 from scripts import evaluate
 from scripts.evaluate import main
 
@@ -213,7 +214,7 @@ def test_weights_location_is_restored(tmp_path: Path) -> None:
     from pyiqa.utils import download_util
 
     before = (torch.hub.get_dir(), download_util.DEFAULT_CACHE_DIR, maniqa_arch.timm)
-    with evaluate._weights_location(tmp_path):
+    with iqa.weights_location(tmp_path):
         assert torch.hub.get_dir() == str(tmp_path)
         assert str(tmp_path / "pyiqa") == download_util.DEFAULT_CACHE_DIR
         assert maniqa_arch.timm is not before[2]
