@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torch import nn
 
+from model.iqa import build_pyiqa_metric
 from model.metrics import psnr, ssim
 from model.stage1 import restore_stage1
 from model.systems.image_log import image_grid, log_image_grid
@@ -26,6 +28,8 @@ class Stage1System(LightningModule):
         decay_steps: cosine decay length (None keeps the rate constant after warm-up).
         val_crop_border: pixels ignored at each border by validation PSNR/SSIM.
         val_images: how many validation images go into the logged LQ / output / HQ grid.
+        lpips_weights_dir: folder with pyiqa's LPIPS weights (torch-hub layout, see
+            scripts/evaluate.py); when set, validation also logs LPIPS.
     """
 
     def __init__(
@@ -37,10 +41,19 @@ class Stage1System(LightningModule):
         decay_steps: int | None = None,
         val_crop_border: int = 4,
         val_images: int = 4,
+        lpips_weights_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.network = network
         self.save_hyperparameters(ignore=["network"])
+        self._lpips: nn.Module | None = None
+
+    def setup(self, stage: str) -> None:
+        weights = self.hparams.lpips_weights_dir
+        if weights is not None and self._lpips is None:
+            # Built lazily and kept out of the state dict: it is a metric, not a trained part.
+            metric = build_pyiqa_metric("lpips", str(self.device), Path(weights))
+            self._lpips = metric.requires_grad_(False).eval()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pred = self.network(batch["lq"])
@@ -58,6 +71,8 @@ class Stage1System(LightningModule):
             "val/psnr_lq": psnr(lq, hq, crop_border=border).mean(),
             "val/loss": F.mse_loss(pred, hq),
         }
+        if self._lpips is not None:
+            metrics["val/lpips"] = self._lpips.to(pred.device)(pred, hq).mean()
         self.log_dict(metrics, batch_size=lq.shape[0], sync_dist=True)
         if batch_idx == 0 and self.global_rank == 0:
             grid = image_grid([lq, pred, hq], self.hparams.val_images)
