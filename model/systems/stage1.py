@@ -46,14 +46,14 @@ class Stage1System(LightningModule):
         super().__init__()
         self.network = network
         self.save_hyperparameters(ignore=["network"])
-        self._lpips: nn.Module | None = None
+        # A plain dict keeps the metric out of the state dict: it is a measure, not a trained part.
+        self._iqa: dict[str, nn.Module] = {}
 
     def setup(self, stage: str) -> None:
         weights = self.hparams.lpips_weights_dir
-        if weights is not None and self._lpips is None:
-            # Built lazily and kept out of the state dict: it is a metric, not a trained part.
+        if weights is not None and "lpips" not in self._iqa:
             metric = build_pyiqa_metric("lpips", str(self.device), Path(weights))
-            self._lpips = metric.requires_grad_(False).eval()
+            self._iqa["lpips"] = metric.requires_grad_(False).eval()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pred = self.network(batch["lq"])
@@ -71,8 +71,8 @@ class Stage1System(LightningModule):
             "val/psnr_lq": psnr(lq, hq, crop_border=border).mean(),
             "val/loss": F.mse_loss(pred, hq),
         }
-        if self._lpips is not None:
-            metrics["val/lpips"] = self._lpips.to(pred.device)(pred, hq).mean()
+        if "lpips" in self._iqa:
+            metrics["val/lpips"] = self._iqa["lpips"].to(pred.device)(pred, hq).mean()
         self.log_dict(metrics, batch_size=lq.shape[0], sync_dist=True)
         if batch_idx == 0 and self.global_rank == 0:
             grid = image_grid([lq, pred, hq], self.hparams.val_images)
