@@ -1,0 +1,243 @@
+"""inference.py end to end on tiny random weights (scripts/make_tiny_weights.py), CPU, fp32.
+
+Inputs are 16×24 (processed at 32×48 with --upscale 2 --min-short-side 32, one 8×8 latent),
+so every run is a few seconds. The last test checks that every flag of the parser appears here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import inference
+from model.pipeline import DiffBIRPipeline
+from scripts.make_tiny_weights import write_tiny_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_weights")
+    write_tiny_weights(out)
+    return out
+
+
+def _write_inputs(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    cv2.imwrite(str(folder / "rgb.png"), rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "gray.png"), rng.integers(0, 256, (16, 24), dtype=np.uint8))
+    cv2.imwrite(str(folder / "sub" / "rgba.png"), rng.integers(0, 256, (16, 24, 4), dtype=np.uint8))
+    cv2.imwrite(str(folder / "deep.png"), rng.integers(0, 65536, (16, 24, 3), dtype=np.uint16))
+    cv2.imwrite(str(folder / "odd.jpg"), rng.integers(0, 256, (13, 19, 3), dtype=np.uint8))
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+def _base(weights: Path, src: Path | str, out: Path) -> list[str]:
+    return [
+        "--input", str(src), "--output", str(out), "--weights-dir", str(weights),
+        "--model-config", str(weights / "tiny_config.yaml"), "--device", "cpu",
+        "--precision", "fp32", "--steps", "2", "--min-short-side", "32", "--offline",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def _read(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def test_folder_run_skips_bad_files_and_resumes(weights: Path, tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    extra = ["--upscale", "2", "--batch-size", "2", "--seed", "5", "--steps", "1"]
+    argv = _base(weights, tmp_path / "in", out) + extra
+    assert inference.main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: \S*bad\.png: not a decodable image", err)
+    assert "5 restored, 0 skipped" in err and "1 failed" in err
+    expected = {"rgb.png": (32, 48, 3), "gray.png": (32, 48, 3), "sub/rgba.png": (32, 48, 4),
+                "deep.png": (32, 48, 3), "odd.png": (26, 38, 3)}  # fmt: skip
+    for name, shape in expected.items():
+        image = _read(out / name)
+        assert image.shape == shape and image.dtype == np.uint8, name
+    assert not (out / "bad.png").exists()
+    # the alpha channel is the input's, resized
+    alpha_in = _read(tmp_path / "in" / "sub" / "rgba.png")[..., 3].astype(np.float32)
+    assert abs(_read(out / "sub" / "rgba.png")[..., 3].mean() - alpha_in.mean()) < 4
+    sidecar = json.loads((out / "deep.png.json").read_text())
+    assert sidecar["seed"] == 5 and sidecar["options"]["seed"] == 5
+    assert sidecar["options"]["steps"] == 1 and sidecar["options"]["upscale"] == 2.0
+    assert (
+        sidecar["options"]["sampler"] == "dpm++_3m_sde" and sidecar["options"]["cfg_scale"] == 6.0
+    )
+    assert sidecar["input_bit_depth"] == 16 and sidecar["input_size"] == [16, 24]
+    assert sidecar["output_size"] == [32, 48] and sidecar["version"] == "v2.1"
+    assert sidecar["weights"]["controlnet"].endswith("DiffBIR_v2.1.pt")
+    assert (
+        sidecar["arguments"]["batch_size"] == 2 and sidecar["arguments"]["output_format"] == "png"
+    )
+    first = {name: (out / name).read_bytes() for name in expected}
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in expected}
+
+    assert inference.main(argv) == 1  # the bad file still fails; the rest is skipped
+    assert "0 restored, 5 skipped" in capsys.readouterr().err
+    assert all((out / name).stat().st_mtime_ns == mtimes[name] for name in expected)
+
+    assert inference.main(argv + ["--overwrite"]) == 1
+    assert "5 restored, 0 skipped" in capsys.readouterr().err
+    # same seed, same result: overwriting reproduces every file byte for byte
+    assert all((out / name).read_bytes() == first[name] for name in expected)
+
+
+def test_stage1_only_needs_only_the_stage1_weights(weights: Path, tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    argv = [
+        "--input", str(tmp_path / "in" / "sub" / "rgba.png"), "--output", str(tmp_path / "out"),
+        "--stage1-only", "--save-stage1", "--task", "denoise", "--output-format", "webp",
+        "--quality", "90", "--stage1-tile-size", "64", "--stage1-tile-stride", "32",
+        "--weights-dir", str(tmp_path / "empty"), "--offline", "--device", "cpu",
+        "--stage1-ckpt", str(weights / "realesrgan_s4_swinir_100k.pth"),
+        "--model-config", str(weights / "tiny_config.yaml"), "--min-short-side", "64",
+    ]  # fmt: skip
+    assert inference.main(argv) == 0
+    image = _read(tmp_path / "out" / "rgba.webp")
+    assert image.shape == (16, 24, 4)  # denoise keeps the size; WebP keeps the alpha
+    assert _read(tmp_path / "out" / "stage1" / "rgba.webp").shape == (16, 24, 4)
+    sidecar = json.loads((tmp_path / "out" / "rgba.webp.json").read_text())
+    assert sidecar["stage1_only"] is True and set(sidecar["weights"]) == {"stage1"}
+    assert "1 restored" in capsys.readouterr().err
+
+
+def test_missing_weights_offline_lists_every_file(tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--weights-dir", str(tmp_path / "empty"), "--offline", "--device", "cpu"]  # fmt: skip
+    assert inference.main(argv) == 2
+    err = capsys.readouterr().err
+    for filename in (
+        "sd2.1-base-zsnr-laionaes5.ckpt",
+        "DiffBIR_v2.1.pt",
+        "realesrgan_s4_swinir_100k.pth",
+    ):
+        assert filename in err
+    assert "3 weight file(s) missing" in err
+    assert inference.main(argv + ["--sd-ckpt", str(tmp_path / "nope.ckpt")]) == 2
+    assert "nope.ckpt: weight file not found (given by --sd-ckpt)" in capsys.readouterr().err
+
+
+def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    listing = tmp_path / "in" / "files.txt"
+    listing.write_text("rgb.png\nsub/rgba.png\n")
+    out = tmp_path / "out"
+    custom = _base(weights, listing, out) + [
+        "--version", "custom", "--schedule", "v2", "--stage1-model", "swinir",
+        "--sd-ckpt", str(weights / "v2-1_512-ema-pruned.ckpt"),
+        "--controlnet-ckpt", str(weights / "v2.pth"),
+        "--stage1-ckpt", str(weights / "general_swinir_v1.ckpt"),
+        "--sampler", "ddim", "--eta", "0.5", "--start", "cond", "--noise-aug", "100",
+        "--cfg-scale", "3", "--rescale-cfg", "--pos-prompt", "sharp", "--neg-prompt", "blurry",
+        "--strength", "0.8", "--color-fix", "adain", "--output-format", "jpg", "--upscale", "2",
+    ]  # fmt: skip
+    assert inference.main(custom) == 0
+    assert _read(out / "rgb.jpg").shape == (32, 48, 3)
+    assert _read(out / "sub" / "rgba.jpg").shape == (32, 48, 3)  # JPEG drops the alpha
+    options = json.loads((out / "rgb.jpg.json").read_text())["options"]
+    assert (options["sampler"], options["ddim_eta"], options["start"]) == ("ddim", 0.5, "cond")
+    assert (options["pos_prompt"], options["neg_prompt"], options["strength"]) == (
+        "sharp",
+        "blurry",
+        0.8,
+    )
+    assert (
+        options["rescale_cfg"] and options["color_fix"] == "adain" and options["noise_aug"] == 100
+    )
+    capsys.readouterr()
+    missing = [a for a in custom if a != "--controlnet-ckpt" and not a.endswith("v2.pth")]
+    assert inference.main(missing + ["--overwrite"]) == 2
+    assert "pass --controlnet-ckpt" in capsys.readouterr().err
+
+
+def test_tiling_guidance_16bit_and_glob(weights: Path, tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(
+        str(tmp_path / "in" / "face.png"), rng.integers(0, 256, (48, 60, 3), dtype=np.uint8)
+    )
+    argv = _base(weights, str(tmp_path / "in" / "*.png"), tmp_path / "out") + [
+        "--version", "v1", "--task", "face", "--upscale", "2", "--bit-depth", "16",
+        "--tiled", "--vae-encoder-tile-size", "64", "--vae-encoder-tile-stride", "32",
+        "--vae-decoder-tile-size", "64", "--vae-decoder-tile-stride", "32",
+        "--diffusion-tile-size", "64", "--diffusion-tile-stride", "32", "--diffusion-tile-batch", "2",
+        "--guidance", "--g-loss", "mse", "--g-scale", "0.01", "--g-start", "1001", "--g-stop", "-1",
+        "--g-space", "rgb", "--g-repeat", "1", "--sampler", "euler", "--no-karras", "--verbose",
+        "--steps", "1",
+    ]  # fmt: skip
+    assert inference.main(argv) == 0
+    image = _read(tmp_path / "out" / "face.png")
+    assert image.shape == (96, 120, 3) and image.dtype == np.uint16
+    sidecar = json.loads((tmp_path / "out" / "face.png.json").read_text())
+    options = sidecar["options"]
+    assert options["stage1_tile_size"] == 512 and options["diffusion_tile_size"] == 64
+    assert options["guidance"] == {"scale": 0.01, "t_start": 1001, "t_stop": -1, "space": "rgb",
+                                   "loss": "mse", "repeat": 1}  # fmt: skip
+    assert sidecar["weights"]["controlnet"].endswith("v1_face.pth") and not options["karras_sigmas"]
+
+
+def test_separate_cfg_branches_with_v2_faces(weights: Path, tmp_path: Path) -> None:
+    # 40×40 ×2 -> a 16×16 latent: single-image network calls are fine for the tiny UNet
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.full((40, 40, 3), 128, dtype=np.uint8))
+    argv = _base(weights, tmp_path / "in", tmp_path / "out")
+    argv += ["--version", "v2", "--task", "face", "--upscale", "2", "--cfg-separate"]
+    assert inference.main(argv) == 0
+    assert _read(tmp_path / "out" / "a.png").shape == (80, 80, 3)
+    assert (
+        json.loads((tmp_path / "out" / "a.png.json").read_text())["options"]["cfg_batched"] is False
+    )
+
+
+def test_out_of_memory_suggests_tiling(weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    _write_inputs(tmp_path / "in")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(DiffBIRPipeline, "restore", out_of_memory)
+    assert inference.main(_base(weights, tmp_path / "in" / "rgb.png", tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "rgb.png: out of memory; use --tiled" in err and "1 failed" in err
+
+
+def test_setup_errors(weights: Path, tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    base = _base(weights, tmp_path / "in", tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(base + ["--bit-depth", "16", "--output-format", "jpg"])
+    assert exit_info.value.code == 2
+    assert inference.main(base + ["--schedule", "v2"]) == 2
+    assert "for --version custom" in capsys.readouterr().err
+    assert inference.main(_base(weights, tmp_path / "nothing*.png", tmp_path / "out")) == 2
+    assert inference.main(_base(weights, tmp_path / "missing", tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "nothing*.png: no images found" in err and "missing: no such file" in err
+    assert inference.main(_base(weights, tmp_path / "in" / "rgb.png", tmp_path / "in")) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_every_flag_is_exercised() -> None:
+    source = Path(__file__).read_text()
+    flags = [
+        flag
+        for action in inference.build_parser()._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    ]
+    assert len(flags) > 50
+    unused = [flag for flag in flags if f'"{flag}"' not in source]
+    assert not unused, f"flags never used in the CLI tests: {unused}"
