@@ -29,7 +29,9 @@ class Source:
     url: str | None = None
 
     def describe(self, filename: str) -> str:
-        return f"https://huggingface.co/{self.repo_id}/{filename}" if self.repo_id else self.url
+        if self.repo_id:
+            return f"https://huggingface.co/{self.repo_id}/resolve/main/{filename}"
+        return self.url
 
 
 @dataclass(frozen=True)
