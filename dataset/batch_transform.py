@@ -295,8 +295,18 @@ class RealESRGANBatchTransform:
             torch.clamp(img, 0.0, 1.0), quality=quality.to(img).clone()
         )
 
-    def degrade(self, hq: torch.Tensor, batch: dict, params: SecondOrderParams) -> torch.Tensor:
-        """LQ (B, 3, H, W) of `hq` with the kernels of `batch` and fixed `params`."""
+    def degrade(
+        self,
+        hq: torch.Tensor,
+        batch: dict,
+        params: SecondOrderParams,
+        resize_back: bool = True,
+    ) -> torch.Tensor:
+        """LQ of `hq` with fixed `params` and the `kernel1`, `kernel2`, `sinc_kernel` of `batch`.
+
+        Returns (B, 3, H, W) on 8-bit levels; with `resize_back=False`, the LQ at the stage-2
+        size `stage2_size(H, W, params.stage2_scale)` instead (what an x4 SR test set stores).
+        """
         h, w = hq.shape[-2:]
         h2, w2 = stage2_size(h, w, params.stage2_scale)
         r1, r2 = params.round1, params.round2
@@ -316,7 +326,7 @@ class RealESRGANBatchTransform:
         else:
             out = self._jpeg(out, r2.jpeg_quality)
             out = _filter(_resize(out, (h2, w2), params.final_mode), batch["sinc_kernel"])
-        if (h2, w2) != (h, w):
+        if resize_back and (h2, w2) != (h, w):
             # DiffBIR restores at the output size: the LQ goes back to the HQ size
             out = F.interpolate(out, size=(h, w), mode="bicubic")
         return torch.clamp((out * 255.0).round(), 0, 255) / 255.0

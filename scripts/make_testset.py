@@ -45,14 +45,7 @@ import torch
 from basicsr.utils.matlab_functions import imresize
 from omegaconf import OmegaConf
 
-from dataset.batch_transform import (
-    RealESRGANBatchTransform,
-    SecondOrderParams,
-    _add_noise,
-    _filter,
-    _resize,
-    stage2_size,
-)
+from dataset.batch_transform import RealESRGANBatchTransform, SecondOrderParams
 from dataset.file_sources import list_image_files
 from dataset.image_io import ImageReadError, read_image, write_image
 from model.instantiate import instantiate
@@ -122,7 +115,11 @@ def _load_params(name: str, *keys: str) -> dict[str, Any]:
 
 
 class RealESRGANx4:
-    """Real-ESRGAN second-order degradation with the LQ kept at the stage-2 (1/4) size."""
+    """Real-ESRGAN second-order degradation with the LQ kept at the stage-2 (1/4) size.
+
+    The validation transform's own `degrade(..., resize_back=False)`: it skips the transform's
+    last step, the resize back to the HQ size that DiffBIR's training pairs need.
+    """
 
     def __init__(self, seed: int) -> None:
         self.kernels_cfg = _load_params("general_realesrgan_val.yaml", "params", "kernels")
@@ -138,33 +135,6 @@ class RealESRGANx4:
     def settings(self) -> dict[str, Any]:
         return {"kernels": self.kernels_cfg, "batch_transform": self.transform_cfg}
 
-    def degrade_to_stage2(
-        self, hq: torch.Tensor, kernels: dict[str, torch.Tensor], params: SecondOrderParams
-    ) -> torch.Tensor:
-        """`RealESRGANBatchTransform.degrade` without its last step (the resize back to HQ size).
-
-        The same primitives in the same order; `tests/test_make_testset.py` checks that
-        upsampling this result reproduces `degrade` to within rounding.
-        """
-        t = self.transform
-        h, w = hq.shape[-2:]
-        h2, w2 = stage2_size(h, w, params.stage2_scale)
-        r1, r2 = params.round1, params.round2
-        out = _filter(hq, kernels["kernel1"])
-        out = _resize(out, (int(h * r1.scale), int(w * r1.scale)), r1.resize_mode)
-        out = t._jpeg(_add_noise(out, r1), r1.jpeg_quality)
-        if params.second_blur:
-            out = _filter(out, kernels["kernel2"])
-        out = _resize(out, (int(h2 * r2.scale), int(w2 * r2.scale)), r2.resize_mode)
-        out = _add_noise(out, r2)
-        if params.sinc_first:
-            out = _filter(_resize(out, (h2, w2), params.final_mode), kernels["sinc_kernel"])
-            out = t._jpeg(out, r2.jpeg_quality)
-        else:
-            out = t._jpeg(out, r2.jpeg_quality)
-            out = _filter(_resize(out, (h2, w2), params.final_mode), kernels["sinc_kernel"])
-        return torch.clamp((out * 255.0).round(), 0, 255) / 255.0
-
     def draw(self, key: int) -> tuple[dict[str, torch.Tensor], SecondOrderParams]:
         """Kernels and batch parameters of the image with seed key `key`."""
         rng = np.random.default_rng([self.transform.seed, key])
@@ -177,7 +147,8 @@ class RealESRGANx4:
     def __call__(self, hq: np.ndarray, key: int) -> tuple[np.ndarray, dict[str, Any]]:
         kernels, params = self.draw(key)
         hq_t = torch.from_numpy(np.ascontiguousarray(hq.transpose(2, 0, 1)))[None]
-        lq = self.degrade_to_stage2(hq_t, kernels, params)[0].permute(1, 2, 0).numpy()
+        lq = self.transform.degrade(hq_t, kernels, params, resize_back=False)
+        lq = lq[0].permute(1, 2, 0).numpy()
         return lq, _jsonable(params)
 
 
