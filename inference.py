@@ -3,14 +3,17 @@
     python inference.py --input photos/ --output restored/ --task sr --upscale 4
     python inference.py --input "scans/**/*.tif" --output out/ --task denoise --tiled
     python inference.py --input faces.txt --output out/ --task face --version v1
+    python inference.py --input group_photos/ --output out/ --task face_background --save-faces
     python inference.py --input lq/ --output stage1/ --stage1-only
 
-The output folder mirrors the input's relative paths. Each output gets a JSON sidecar
-(`<output>.json`) with every parameter and the seed; finished outputs are skipped on a rerun
-(--overwrite redoes them). An unreadable image is reported and skipped; the exit code is 0 when
-everything was restored, 1 when some images failed, 2 when nothing could start (bad arguments,
-missing weights, no inputs). Argument parsing, file walking, decoding and saving live here;
-the restoration itself is `model.pipeline.DiffBIRPipeline`.
+The output folder mirrors the input's relative paths. A file list may give a caption after a
+tab on each line; it is prepended to the positive prompt of that image. Each output gets a
+JSON sidecar (`<output>.json`) with every parameter and the seed; finished outputs are skipped
+on a rerun (--overwrite redoes them). An unreadable image is reported and skipped; the exit
+code is 0 when everything was restored, 1 when some images failed, 2 when nothing could start
+(bad arguments, missing weights, no inputs). Argument parsing, file walking, decoding and
+saving live here; the restoration itself is `model.pipeline.DiffBIRPipeline` (and
+`model.face_background.FaceBackgroundPipeline` for --task face_background).
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from tqdm.auto import tqdm
 from dataset.file_sources import list_image_files, read_file_list
 from dataset.image_io import IMAGE_EXTENSIONS, DecodedImage, ImageReadError, decode_image
 from dataset.image_io import write_image as _write_image
+from model.checkpoint_io import WeightFileError
 from model.color_fix import COLOR_FIX_MODES
 from model.diffusion import DIFFUSION_PRESETS
+from model.face import DETECTION_MODELS, FaceHelper, load_face_detector, load_face_parser
+from model.face_background import FaceBackgroundPipeline
 from model.pipeline import PRECISIONS, DiffBIRPipeline, PipelineOptions, resize
 from model.sampling.latent_guidance import LatentGuidance
 from model.sampling.schedulers import SAMPLERS
@@ -44,10 +50,13 @@ from model.stage1_models import STAGE1_MODELS
 from model.versions import (
     CUSTOM,
     DEFAULT_UPSCALE,
+    FACE_BACKGROUND,
     ROLES,
-    TASKS,
+    TASK_CHOICES,
     VERSION_CHOICES,
+    flow_specs,
     load_pipeline,
+    load_pipelines,
     model_spec,
     read_model_config,
 )
@@ -73,15 +82,22 @@ class SetupError(Exception):
 
 @dataclasses.dataclass
 class Job:
-    """One input file and where its results go."""
+    """One input file, its caption and where its results go."""
 
     src: Path
     dst: Path
     stage1_dst: Path | None
+    caption: str = ""
+    faces_dst: Path | None = None
 
     @property
     def sidecar(self) -> Path:
         return self.dst.with_name(self.dst.name + ".json")
+
+    def face_path(self, index: int) -> Path:
+        """Where the restored face `index` goes (with --save-faces)."""
+        name = f"{self.faces_dst.stem}_face{index}{self.faces_dst.suffix}"
+        return self.faces_dst.with_name(name)
 
     def done(self) -> bool:
         return self.dst.is_file() and self.sidecar.is_file()
@@ -98,12 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-format", choices=OUTPUT_FORMATS, default="png", help="file format of the outputs")
     io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (1-100)")
     io.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per sample of the outputs (16: png only)")
-    io.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (consecutive images of the same size)")
+    io.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (consecutive images of the same size); face_background: also faces per face-model call")
     io.add_argument("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
     io.add_argument("--save-stage1", action="store_true", help="also write the stage-1 image under OUTPUT/stage1/")
     io.add_argument("--stage1-only", action="store_true", help="run stage 1 only (no diffusion weights needed)")
     m = p.add_argument_group("model and weights")
-    m.add_argument("--task", choices=TASKS, default="sr", help="restoration task (face: aligned 512x512 faces)")
+    m.add_argument("--task", choices=TASK_CHOICES, default="sr", help="restoration task (face: aligned 512x512 faces; face_background: any image, faces restored by the face model and pasted into the general model's result)")
     m.add_argument("--version", choices=VERSION_CHOICES, default="v2.1", help="DiffBIR release, or custom (needs --model-config and the three checkpoints)")
     m.add_argument("--upscale", type=float, default=None, help=f"output size / input size (default by task: {DEFAULT_UPSCALE})")
     m.add_argument("--model-config", type=Path, default=None, help="YAML with cldm / swinir / stage1 / diffusion entries (custom or tiny architectures)")
@@ -114,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--controlnet-ckpt", type=Path, default=None, help="LAControlNet checkpoint (overrides the version's)")
     m.add_argument("--stage1-ckpt", type=Path, default=None, help="stage-1 checkpoint (overrides the version's)")
     m.add_argument("--offline", action="store_true", help="never download; fail with the list of missing files")
+    f = p.add_argument_group("faces (--task face_background)")
+    f.add_argument("--face-detector", choices=tuple(DETECTION_MODELS), default="retinaface_resnet50", help="face detector (weights from --weights-dir)")
+    f.add_argument("--no-face-parsing", action="store_true", help="paste faces through a soft square instead of the face-parsing outline")
+    f.add_argument("--save-faces", action="store_true", help="also write each restored face (512x512) under OUTPUT/faces/")
     _add_sampling_args(p)
     _add_tiling_args(p)
     r = p.add_argument_group("runtime")
@@ -186,13 +206,17 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     )  # fmt: skip
 
 
-def collect_inputs(spec: str, exclude: Path) -> tuple[list[Path], Path]:
-    """(image files, the folder their relative paths are taken from) for --input."""
+def collect_inputs(spec: str, exclude: Path) -> tuple[list[Path], Path, dict[Path, str]]:
+    """(image files, the folder their relative paths are taken from, captions by file) for
+    --input; only file lists have captions (after a tab), the other files get none."""
     path = Path(spec)
+    captions: dict[Path, str] = {}
     if path.is_dir():
         files, root = [Path(f) for f in list_image_files(path)], path
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        files, root = [Path(f) for f in read_file_list(path)[0]], None
+        listed, texts = read_file_list(path)
+        files, root = [Path(f) for f in listed], None
+        captions = {f.resolve(): text for f, text in zip(files, texts, strict=True) if text}
     elif path.is_file():
         files, root = [path], path.parent
     elif glob.has_magic(spec):
@@ -212,11 +236,17 @@ def collect_inputs(spec: str, exclude: Path) -> tuple[list[Path], Path]:
         files = [f for f in files if not f.resolve().is_relative_to(out)]
         if not files:
             raise SetupError(f"{spec}: no images found outside the output folder")
-    return files, root
+    return files, root, captions
 
 
-def make_jobs(files: list[Path], root: Path, args: argparse.Namespace) -> list[Job]:
+def make_jobs(
+    files: list[Path],
+    root: Path,
+    args: argparse.Namespace,
+    captions: dict[Path, str] | None = None,
+) -> list[Job]:
     """One job per file; outputs mirror the paths relative to `root`."""
+    captions = captions or {}
     jobs, taken = [], set()
     for src in files:
         rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
@@ -228,15 +258,22 @@ def make_jobs(files: list[Path], root: Path, args: argparse.Namespace) -> list[J
                 f"{src}: the output would overwrite the input; choose another --output"
             )
         taken.add(dst)
-        stage1_dst = (
-            args.output / "stage1" / dst.relative_to(args.output) if args.save_stage1 else None
-        )
-        jobs.append(Job(src, dst, stage1_dst))
+        rel_dst = dst.relative_to(args.output)
+        stage1_dst = args.output / "stage1" / rel_dst if args.save_stage1 else None
+        faces_dst = args.output / "faces" / rel_dst if args.save_faces else None
+        caption = captions.get(src.resolve(), "")
+        jobs.append(Job(src, dst, stage1_dst, caption, faces_dst))
     return jobs
 
 
-def weight_paths(args: argparse.Namespace, weights: dict[str, str]) -> dict[str, Path]:
-    """Weight files by role: explicit flags first, then the registry (maybe downloading)."""
+def weight_paths(
+    args: argparse.Namespace, weights: dict[str, str], extra: dict[str, str] | None = None
+) -> dict[str, Path]:
+    """Weight files by role: explicit flags first, then the registry (maybe downloading).
+
+    `weights` are the registry names of the ROLES; `extra` more roles and registry names
+    (no flags), found in the same search so that one error lists every missing file.
+    """
     roles = ("stage1",) if args.stage1_only else ROLES
     flags = {"stage1": "--stage1-ckpt", "sd": "--sd-ckpt", "controlnet": "--controlnet-ckpt"}
     explicit = {r: getattr(args, flags[r][2:].replace("-", "_")) for r in roles}
@@ -245,16 +282,21 @@ def weight_paths(args: argparse.Namespace, weights: dict[str, str]) -> dict[str,
         if not path.is_file():
             raise MissingWeightsError(f"{path}: weight file not found (given by {flags[role]})")
     needed = {r: weights[r] for r in roles if r not in paths and r in weights}
+    needed.update(extra or {})
     missing = [flags[r] for r in roles if r not in paths and r not in weights]
     if missing:
         raise MissingWeightsError(
             f"a custom model needs its weight files: pass {', '.join(missing)}"
         )
-    found = resolve_weights(needed.values(), [args.weights_dir], download=not args.offline)
+    names = list(dict.fromkeys(needed.values()))
+    found = resolve_weights(names, [args.weights_dir], download=not args.offline)
     return {**paths, **{r: found[name] for r, name in needed.items()}}
 
 
-def build(args: argparse.Namespace) -> tuple[DiffBIRPipeline, dict[str, Path]]:
+Pipeline = DiffBIRPipeline | FaceBackgroundPipeline
+
+
+def build(args: argparse.Namespace) -> tuple[Pipeline, dict[str, Path]]:
     """The pipeline and the weight paths it was loaded from."""
     config = read_model_config(args.model_config) if args.model_config else {}
     if args.version == CUSTOM:
@@ -264,9 +306,40 @@ def build(args: argparse.Namespace) -> tuple[DiffBIRPipeline, dict[str, Path]]:
             config["diffusion"] = args.schedule
     elif args.stage1_model or args.schedule:
         raise SetupError("--stage1-model and --schedule are for --version custom")
+    if args.task == FACE_BACKGROUND:
+        return build_face_background(args, config)
     spec = model_spec(args.version, args.task, config)
     paths = weight_paths(args, dict(spec.weights))
     return load_pipeline(spec, paths, args.device, args.precision), paths
+
+
+def build_face_background(
+    args: argparse.Namespace, config: dict[str, Any]
+) -> tuple[FaceBackgroundPipeline, dict[str, Path]]:
+    """The background pipeline (the --*-ckpt flags apply to it; the face model shares its SD
+    file), the face pipeline (the version's face weights) and the face detector / parser."""
+    if args.version == CUSTOM:
+        raise SetupError(f"--task {FACE_BACKGROUND} needs a released --version (its face model)")
+    specs = flow_specs(args.version, FACE_BACKGROUND, config)
+    face_roles = ("stage1",) if args.stage1_only else ("stage1", "controlnet")
+    extra = {f"face_{role}": specs["face"].weights[role] for role in face_roles}
+    extra["face_detector"] = args.face_detector
+    if not args.no_face_parsing:
+        extra["face_parser"] = "face_parsenet"
+    paths = weight_paths(args, dict(specs["background"].weights), extra)
+    parts = {"background": {r: paths[r] for r in ROLES if r in paths}}
+    parts["face"] = {**parts["background"], **{r: paths[f"face_{r}"] for r in face_roles}}
+    pipelines = load_pipelines(specs, parts, args.device, args.precision)
+    device = pipelines["background"].device
+    detector = load_face_detector(paths["face_detector"], args.face_detector, device)
+    parser = None if args.no_face_parsing else load_face_parser(paths["face_parser"], device)
+    pipeline = FaceBackgroundPipeline(
+        pipelines["background"],
+        pipelines["face"],
+        FaceHelper(detector, parser),
+        face_batch_size=args.batch_size,
+    )
+    return pipeline, paths
 
 
 def load_image(job: Job) -> tuple[DecodedImage, torch.Tensor]:
@@ -300,8 +373,13 @@ def save(
     stage1: torch.Tensor,
     record: dict[str, Any],
     args: argparse.Namespace,
+    faces: torch.Tensor | None = None,
 ) -> None:
-    """Write the output (alpha re-attached, resized), the optional stage-1 image and the sidecar."""
+    """Write the optional faces and stage-1 image, the output (alpha re-attached, resized) and,
+    last, the sidecar (a rerun skips a job only when its sidecar exists)."""
+    if job.faces_dst is not None and faces is not None:
+        for i, face in enumerate(faces):
+            write_image(job.face_path(i), _to_numpy(face), None, args)
     alpha = None
     if image.alpha is not None:
         a = torch.from_numpy(image.alpha)[None, None]
@@ -312,32 +390,59 @@ def save(
     sidecar = {"input": str(job.src), "output": str(job.dst),
                "stage1_output": None if job.stage1_dst is None else str(job.stage1_dst),
                "input_size": list(image.rgb.shape[:2]), "output_size": list(out.shape[-2:]),
-               "input_bit_depth": image.bit_depth, "alpha": image.alpha is not None, **record}  # fmt: skip
+               "input_bit_depth": image.bit_depth, "alpha": image.alpha is not None,
+               "caption": job.caption, **record}  # fmt: skip
     partial = job.sidecar.with_name(f".{job.sidecar.name}.partial")
     partial.write_text(json.dumps(sidecar, indent=2))
     os.replace(partial, job.sidecar)
 
 
-Restorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+@dataclasses.dataclass
+class Restored:
+    """A restorer's results for a batch, images at the output size in [0, 1].
 
-
-def make_restorer(pipeline: DiffBIRPipeline, options: PipelineOptions) -> Restorer:
-    """lq batch -> (outputs, stage-1 images), both at the output size in [0, 1].
-
-    The task dispatch point: a task with its own flow (e.g. faces detected, restored and
-    pasted back into the restored background) returns its own function here.
+    Args:
+        images: (B, 3, H, W) restored images.
+        stage1: (B, 3, H, W) stage-1 images.
+        faces: face_background only: per image its restored faces (N_i, 3, 512, 512).
+        boxes: face_background only: per image its face boxes (N_i, 5) in output pixels
+            (x1, y1, x2, y2, score).
     """
+
+    images: torch.Tensor
+    stage1: torch.Tensor
+    faces: list[torch.Tensor] | None = None
+    boxes: list[np.ndarray] | None = None
+
+
+Restorer = Callable[[torch.Tensor, Sequence[str] | None], Restored]
+
+
+def make_restorer(pipeline: Pipeline, options: PipelineOptions) -> Restorer:
+    """(lq batch, per-image captions or None) -> `Restored`.
+
+    The task dispatch point: a task with its own flow returns its own function here
+    (face_background: faces detected, restored and pasted back into the restored background).
+    """
+    if isinstance(pipeline, FaceBackgroundPipeline):
+
+        def with_faces(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
+            result = pipeline.restore(lq, options, captions=captions)
+            boxes = [found.boxes for found in result.aligned]
+            return Restored(result.images, result.stage1, result.faces, boxes)
+
+        return with_faces
     if not pipeline.has_diffusion:
 
-        def stage1_only(lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def stage1_only(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
             out = pipeline.restore_stage1(lq, options)
-            return out, out
+            return Restored(out, out)
 
         return stage1_only
 
-    def restore(lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = pipeline.restore(lq, options)
-        return result.images, result.stage1
+    def restore(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
+        result = pipeline.restore(lq, options, captions=captions)
+        return Restored(result.images, result.stage1)
 
     return restore
 
@@ -347,7 +452,7 @@ class Runner:
 
     def __init__(
         self,
-        pipeline: DiffBIRPipeline,
+        pipeline: Pipeline,
         options: PipelineOptions,
         record: dict[str, Any],
         args: argparse.Namespace,
@@ -386,11 +491,16 @@ class Runner:
         start = time.perf_counter()
         lq = torch.cat([x for _, _, x in batch])
         names = ", ".join(str(job.src) for job, _, _ in batch)
+        captions = [job.caption for job, _, _ in batch]
         try:
-            images, stage1 = self.restorer(lq)
+            result = self.restorer(lq, captions if any(captions) else None)
             seconds = (time.perf_counter() - start) / len(batch)
-            for (job, image, _), out, s1 in zip(batch, images, stage1, strict=True):
-                save(job, image, out, s1, {**self.record, "seconds": round(seconds, 3)}, self.args)
+            for i, (job, image, _) in enumerate(batch):
+                record = {**self.record, "seconds": round(seconds, 3)}
+                faces = None if result.faces is None else result.faces[i]
+                if result.boxes is not None:
+                    record["faces"] = np.round(result.boxes[i], 2).tolist()
+                save(job, image, result.images[i], result.stage1[i], record, self.args, faces)
                 self.restored += 1
         except torch.OutOfMemoryError:
             self.fail(f"{names}: {OOM_HINT}")
@@ -406,7 +516,7 @@ class Runner:
 def run_record(
     args: argparse.Namespace,
     options: PipelineOptions,
-    pipeline: DiffBIRPipeline,
+    pipeline: Pipeline,
     paths: dict[str, Path],
 ) -> dict[str, Any]:
     """The run-wide part of every sidecar."""
@@ -429,16 +539,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--bit-depth 16 needs --output-format png")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.save_faces and args.task != FACE_BACKGROUND:
+        parser.error(f"--save-faces needs --task {FACE_BACKGROUND}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
         options = options_from_args(args)
-        files, root = collect_inputs(args.input, args.output)
-        jobs = make_jobs(files, root, args)
+        files, root, captions = collect_inputs(args.input, args.output)
+        jobs = make_jobs(files, root, args, captions)
         todo = [job for job in jobs if args.overwrite or not job.done()]
         if todo:
             pipeline, paths = build(args)
-    except (SetupError, MissingWeightsError, ValueError, OSError) as exc:
+    except (SetupError, MissingWeightsError, WeightFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     skipped = len(jobs) - len(todo)

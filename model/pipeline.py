@@ -7,10 +7,12 @@ Data flow (the original's sizing rules by default, see reference README "Format 
     x_T (noise or diffused c_img) ─ sampler over ControlLDM [tiles] [CFG] [latent guidance] ─> z_0
     z_0 ─ VAE decode ─ crop ─ colour fix against I_reg ─ resize to (int(h·s), int(w·s)) ─> image
 
-The stage-1 placement follows `model.stage1_models` (BSRNet runs before the upscale resize,
-SCUNet and SwinIR after it; SwinIR is raised to the minimum size before it runs, the others
-after). Every image has its own seed and random generator, so its result does not depend on
-the other images of the batch. File reading, writing and 8-bit conversion are the caller's.
+The stage-1 placement follows the `Stage1Model` attributes (`model.stage1_models`):
+`runs_before_upscale` (BSRNet) runs before the upscale resize, the others after it;
+`runs_after_raise` (SwinIR) sees its input raised to the minimum size, the others have their
+output raised. Options are `model.pipeline_options.PipelineOptions`. Every image has its own
+seed and random generator, so its result does not depend on the other images of the batch.
+File reading, writing and 8-bit conversion are the caller's.
 """
 
 from __future__ import annotations
@@ -19,18 +21,24 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from model.cldm import ControlLDM
-from model.color_fix import COLOR_FIX_MODES, color_fix
+from model.color_fix import color_fix
 from model.diffusion import Diffusion, ModelFn
-from model.sampling.guidance import classifier_free_guidance, rescaled_cfg_scale
-from model.sampling.latent_guidance import LatentGuidance, latent_image_guidance
-from model.sampling.schedulers import SAMPLERS, Sampler, SpacedDDPM, make_sampler, start_latent
+from model.pipeline_options import (
+    DEFAULT_NEG_PROMPT,
+    DEFAULT_POS_PROMPT,
+    KARRAS_SAMPLERS,
+    PipelineOptions,
+)
+from model.sampling.guidance import classifier_free_guidance
+from model.sampling.latent_guidance import latent_image_guidance
+from model.sampling.schedulers import Sampler, SpacedDDPM, make_sampler, start_latent
 from model.sampling.tiled import tiled_model_fn
 from model.sizing import pad_to_multiple, resize_short_side_to
 from model.stage1_models import Stage1Model
@@ -38,127 +46,23 @@ from model.tiling import tiled_forward
 
 logger = logging.getLogger(__name__)
 
-# The original CLI's prompts (XPixelGroup/DiffBIR inference.py), used with every version.
-DEFAULT_POS_PROMPT = (
-    "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, "
-    "hyper detailed photo - realistic maximum detail, 32k, Color Grading, ultra HD, extreme "
-    "meticulous detailing, skin pore detailing, hyper sharpness, perfect without deformations."
-)
-DEFAULT_NEG_PROMPT = (
-    "painting, oil painting, illustration, drawing, art, sketch, oil painting, cartoon, "
-    "CG Style, 3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, "
-    "frames, watermark, signature, jpeg artifacts, deformed, lowres, over-smooth."
-)
+# The options and default prompts live in model.pipeline_options; importable from here too.
+__all__ = [
+    "DEFAULT_NEG_PROMPT",
+    "DEFAULT_POS_PROMPT",
+    "KARRAS_SAMPLERS",
+    "PAD_MULTIPLE",
+    "PRECISIONS",
+    "DiffBIRPipeline",
+    "PipelineOptions",
+    "PipelineResult",
+    "resize",
+    "resolve_device",
+    "short_side_size",
+]
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# diffusers schedulers that accept `use_karras_sigmas`.
-KARRAS_SAMPLERS = ("dpm++_2m", "dpm++_2m_sde", "dpm++_3m_sde", "euler", "heun", "unipc")
 # Condition images are zero-padded to this before VAE encoding (latents ×8), as the original.
 PAD_MULTIPLE = 64
-# Stage-1 models that see the image after it is raised to the minimum size (the others before).
-_RAISE_BEFORE_STAGE1 = ("swinir",)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-    """Options of one restoration call; the defaults are the original CLI's (v2.1).
-
-    Args:
-        upscale: output size = (int(h·upscale), int(w·upscale)).
-        min_short_side: images whose short side is below this are processed at this size
-            (bicubic, antialiased) and resized back at the end; 512 for the released models.
-        sampler: a `model.sampling.schedulers.SAMPLERS` name; "dpm++_3m_sde" with Karras
-            sigmas stands for the original's "edm_dpm++_3m_sde".
-        karras_sigmas: use Karras sigmas where the sampler supports them (KARRAS_SAMPLERS).
-        ddim_eta: DDIM's eta (sampler "ddim" only).
-        steps: sampling steps.
-        start: "noise" (x_T ~ N(0, I)) or "cond" (x_T = q_sample(c_img, t_start)).
-        noise_aug: > 0 replaces c_img by q_sample(c_img, noise_aug) (both CFG branches).
-        cfg_scale: classifier-free guidance scale; 1 runs the conditional branch only.
-        rescale_cfg: ramp the scale from 1 (t = T-1) to 1 + cfg_scale (t = 0).
-        cfg_batched: run both CFG branches in one network call (2B batch); else two calls.
-        pos_prompt, neg_prompt: text of the conditional / unconditional branch.
-        strength: control strength, every control scale.
-        guidance: latent image guidance toward the stage-1 image, or None.
-        color_fix: "wavelet", "adain" or "none", against the stage-1 image.
-        seed: seed of every image unless `restore` gets per-image seeds.
-        stage1_tile_size, stage1_tile_stride: stage-1 tiles in its input pixels (None: whole;
-            stride default half a tile).
-        vae_encoder_tile_size, vae_encoder_tile_stride: encoder tiles in image pixels.
-        vae_decoder_tile_size, vae_decoder_tile_stride: decoder tiles in image pixels.
-        diffusion_tile_size, diffusion_tile_stride: diffusion tiles in image pixels (the latent
-            tile is 1/8); diffusion_tile_batch_size tiles per network call.
-        progress: show tqdm bars for sampling steps and tiles.
-    """
-
-    upscale: float = 1.0
-    min_short_side: int = 512
-    sampler: str = "dpm++_3m_sde"
-    karras_sigmas: bool = True
-    ddim_eta: float = 0.0
-    steps: int = 10
-    start: Literal["noise", "cond"] = "noise"
-    noise_aug: int = 0
-    cfg_scale: float = 6.0
-    rescale_cfg: bool = False
-    cfg_batched: bool = True
-    pos_prompt: str = DEFAULT_POS_PROMPT
-    neg_prompt: str = DEFAULT_NEG_PROMPT
-    strength: float = 1.0
-    guidance: LatentGuidance | None = None
-    color_fix: str = "wavelet"
-    seed: int = 231
-    stage1_tile_size: int | None = None
-    stage1_tile_stride: int | None = None
-    vae_encoder_tile_size: int | None = None
-    vae_encoder_tile_stride: int | None = None
-    vae_decoder_tile_size: int | None = None
-    vae_decoder_tile_stride: int | None = None
-    diffusion_tile_size: int | None = None
-    diffusion_tile_stride: int | None = None
-    diffusion_tile_batch_size: int = 1
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.upscale <= 0 or self.min_short_side < 1 or self.steps < 1:
-            raise ValueError("upscale must be > 0, min_short_side and steps >= 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
-        if self.start not in ("noise", "cond"):
-            raise ValueError(f"start must be 'noise' or 'cond', got {self.start!r}")
-        if self.color_fix not in COLOR_FIX_MODES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIX_MODES}, got {self.color_fix!r}")
-        if not 0 <= self.noise_aug < 1000:
-            raise ValueError(f"noise_aug must be in [0, 999], got {self.noise_aug}")
-        for stage, multiple in (("stage1", 64), ("vae_encoder", 8), ("vae_decoder", 8),
-                                ("diffusion", 64)):  # fmt: skip
-            _check_tiles(stage, *self.tiles(stage), multiple)
-
-    def tiles(self, stage: str) -> tuple[int | None, int | None]:
-        """(tile size, stride) of "stage1", "vae_encoder", "vae_decoder" or "diffusion"."""
-        size = getattr(self, f"{stage}_tile_size")
-        stride = getattr(self, f"{stage}_tile_stride")
-        if size is not None and stride is None:
-            stride = size // 2
-        return size, stride
-
-    def sampler_options(self) -> dict[str, Any]:
-        """Keyword arguments of `make_sampler` for this sampler."""
-        if self.sampler == "ddim":
-            return {"eta": self.ddim_eta}
-        if self.sampler in KARRAS_SAMPLERS and self.karras_sigmas:
-            return {"use_karras_sigmas": True}
-        return {}
-
-
-def _check_tiles(stage: str, size: int | None, stride: int | None, multiple: int) -> None:
-    if size is None:
-        return
-    if size <= 0 or size % multiple:
-        raise ValueError(f"{stage} tile size must be a positive multiple of {multiple}, got {size}")
-    if not 0 < stride <= size or stride % 8:
-        raise ValueError(
-            f"{stage} tile stride must be a multiple of 8 in (0, {size}], got {stride}"
-        )
 
 
 @dataclasses.dataclass
@@ -199,20 +103,6 @@ def short_side_size(h: int, w: int, side: int) -> tuple[int, int]:
     if h == w:
         return side, side
     return (side, int(w * side / h)) if h < w else (int(h * side / w), side)
-
-
-def _batched_cfg(model_fn: ModelFn, uncond: dict, scale: float, rescale: bool, T: int) -> ModelFn:
-    """Classifier-free guidance with both branches stacked into one call of batch 2B."""
-
-    def guided(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
-        out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        s: float | Tensor = scale
-        if rescale and scale > 1:
-            s = rescaled_cfg_scale(scale, t, T).to(x).reshape(-1, *[1] * (x.ndim - 1))
-        return out_uncond + s * (out_cond - out_uncond)
-
-    return guided
 
 
 class DiffBIRPipeline:
@@ -294,7 +184,7 @@ class DiffBIRPipeline:
                 return resize(x, short_side_size(*out_size, side))
             return resize(x, out_size)
         x = resize(lq, out_size)
-        if self.stage1.name in _RAISE_BEFORE_STAGE1:
+        if self.stage1.runs_after_raise:
             return run(resize_short_side_to(x, side))
         return resize_short_side_to(run(x), side)
 
@@ -377,13 +267,12 @@ class DiffBIRPipeline:
     def _start_latents(
         self, sampler: Sampler, c_img: Tensor, options: PipelineOptions, generators: list
     ) -> Tensor:
-        """x_T per image from its own generator, in the contiguous layout whatever c_img's
-        (a channels-last x_T would pick other conv kernels and change the result slightly)."""
+        """x_T per image from its own generator (contiguous, see `start_latent`)."""
         rows = [
             start_latent(sampler, self.diffusion, c_img[i : i + 1], options.steps, options.start, g)
             for i, g in enumerate(generators)
         ]
-        return torch.cat(rows).contiguous()
+        return torch.cat(rows)
 
     def _model_fn(
         self, sampler: Sampler, options: PipelineOptions, uncond: dict, target: Tensor
@@ -401,13 +290,14 @@ class DiffBIRPipeline:
                 model_fn, tile_size // 8, tile_stride // 8, options.diffusion_tile_batch_size
             )
         if options.cfg_scale != 1:
-            T = self.diffusion.num_timesteps
-            if options.cfg_batched:
-                model_fn = _batched_cfg(model_fn, uncond, options.cfg_scale, options.rescale_cfg, T)
-            else:
-                model_fn = classifier_free_guidance(
-                    model_fn, uncond, options.cfg_scale, options.rescale_cfg, T
-                )
+            model_fn = classifier_free_guidance(
+                model_fn,
+                uncond,
+                options.cfg_scale,
+                options.rescale_cfg,
+                self.diffusion.num_timesteps,
+                batched=options.cfg_batched,
+            )
         guidance = options.guidance
         if guidance is not None and guidance.scale > 0:
             model_fn = latent_image_guidance(

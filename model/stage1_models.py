@@ -14,17 +14,18 @@ Where the original pipeline resizes (XPixelGroup/DiffBIR `diffbir/pipeline.py`
 resizes are bicubic with antialiasing unless noted, "raise to 512" means
 `model.sizing.resize_short_side_to(x, 512)`:
 
-- `bsrnet` (`runs_before_upscale=True`): the LQ is *not* resized first. BSRNet runs at the LQ
-  size and returns ×4. The requested size is (int(h·upscale), int(w·upscale)); if its short
-  side is under 512 the ×4 output is raised to 512 instead, otherwise it is resized to the
-  requested size. Tiles are in LQ pixels.
-- `scunet` (`runs_before_upscale=False`): the LQ is first resized by the upscale factor (PIL
-  bicubic on the 8-bit image, to int(w·upscale) × int(h·upscale)); SCUNet runs at that size
-  (replicate-padded bottom/right to ×64 inside the network, cropped back); then the output is
-  raised to 512.
-- `swinir` (`runs_before_upscale=False`): the LQ is first resized by the upscale factor as for
-  SCUNet. Untiled: raised to 512 *before* the network, zero-padded to ×64, run, cropped. Tiled:
-  the network runs on tiles (tile size a multiple of 64) and the output is raised to 512 after.
+- `bsrnet` (`runs_before_upscale=True`, `runs_after_raise=False`): the LQ is *not* resized
+  first. BSRNet runs at the LQ size and returns ×4. The requested size is
+  (int(h·upscale), int(w·upscale)); if its short side is under 512 the ×4 output is raised to
+  512 instead, otherwise it is resized to the requested size. Tiles are in LQ pixels.
+- `scunet` (`runs_before_upscale=False`, `runs_after_raise=False`): the LQ is first resized by
+  the upscale factor (PIL bicubic on the 8-bit image, to int(w·upscale) × int(h·upscale));
+  SCUNet runs at that size (replicate-padded bottom/right to ×64 inside the network, cropped
+  back); then the output is raised to 512.
+- `swinir` (`runs_before_upscale=False`, `runs_after_raise=True`): the LQ is first resized by
+  the upscale factor as for SCUNet. Untiled: raised to 512 *before* the network, zero-padded to
+  ×64, run, cropped. Tiled: the network runs on tiles (tile size a multiple of 64) and the
+  output is raised to 512 after. This pipeline raises before the network in both cases.
 
 The final image is resized back to the requested size (BSRNet) or to the size of the resized LQ
 (SCUNet, SwinIR). For all three, tiling is switched off when the input is smaller than one
@@ -84,6 +85,9 @@ class Stage1Model(nn.Module):
         runs_before_upscale: True when the cleaner takes the LQ at its own size and the
             pipeline resizes its output (BSRNet); False when the LQ is first resized by the
             upscale factor and the cleaner runs at the output size (SCUNet, SwinIR).
+        runs_after_raise: True when an input with a short side under the pipeline's minimum
+            is raised to it before the cleaner runs (SwinIR); False when the cleaner's output
+            is raised instead (BSRNet, SCUNet).
 
     Call `model(lq, tile_size=None, tile_stride=None, progress=False)` with `lq` (B, 3, H, W)
     in [0, 1], any H, W; returns (B, 3, H·scale, W·scale), not clamped. Tiles are squares of
@@ -99,11 +103,13 @@ class Stage1Model(nn.Module):
         size_multiple: int,
         pad_mode: str,
         runs_before_upscale: bool,
+        runs_after_raise: bool = False,
     ) -> None:
         super().__init__()
         self.name, self.network = name, network
         self.scale, self.size_multiple, self.pad_mode = scale, size_multiple, pad_mode
         self.runs_before_upscale = runs_before_upscale
+        self.runs_after_raise = runs_after_raise
 
     def forward(
         self,
@@ -239,7 +245,13 @@ def load_swinir_stage1(path: str | Path, config: Mapping[str, Any] | None = None
     DiffBIR preset) as a stage-1 model."""
     net = load_swinir(path, config)
     model = Stage1Model(
-        "swinir", net, net.output_scale, net.size_multiple, "constant", runs_before_upscale=False
+        "swinir",
+        net,
+        net.output_scale,
+        net.size_multiple,
+        "constant",
+        runs_before_upscale=False,
+        runs_after_raise=True,
     )
     return model.eval()
 

@@ -7,6 +7,10 @@ architecture (`model.stage1_models.STAGE1_MODELS`) and the diffusion schedule
 DiffBIR's LAControlNet + DiffBIR's SwinIR unless a model config says otherwise (tiny test
 models, or a user's own "custom" model).
 
+A flow task (FLOW_TASKS, e.g. "face_background") combines pipelines of several model tasks:
+`flow_specs` gives a spec per part and `load_pipelines` builds them sharing the models that
+their weight files share.
+
 A model config is a YAML mapping with any of:
 
     cldm:      ControlLDM config in the original vocabulary (unet_cfg, controlnet_cfg, vae_cfg,
@@ -23,25 +27,34 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from model.cldm_io import load_cldm
-from model.convert import original_params, sd21_cldm_cfg
+from model.checkpoint_io import WeightFileError
+from model.cldm import ControlLDM
+from model.cldm_io import load_cldm, read_controlnet_original
+from model.convert import load_controlnet_original, original_params, sd21_cldm_cfg
 from model.diffusion import DIFFUSION_PRESETS, Diffusion
+from model.lacontrolnet import LAControlNet, build_lacontrolnet
 from model.pipeline import DiffBIRPipeline
 from model.stage1_models import STAGE1_MODELS, load_stage1_model
 
 logger = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("sr", "denoise", "face")
+FACE_BACKGROUND = "face_background"
+# Tasks with their own flow (`model.face_background`): the model task whose weights each part
+# uses. face_background: the background with the general (sr) model, faces with the face model.
+FLOW_TASKS: dict[str, dict[str, str]] = {FACE_BACKGROUND: {"background": "sr", "face": "face"}}
+TASK_CHOICES: tuple[str, ...] = (*TASKS, *FLOW_TASKS)
 # The original CLI's --upscale defaults to 4 for every task; denoising and aligned faces keep
-# the input size here, which is how those tasks are used.
-DEFAULT_UPSCALE: dict[str, float] = {"sr": 4.0, "denoise": 1.0, "face": 1.0}
+# the input size here, which is how those tasks are used, and unaligned faces use the x2 of
+# the original README's example.
+DEFAULT_UPSCALE: dict[str, float] = {"sr": 4.0, "denoise": 1.0, "face": 1.0, FACE_BACKGROUND: 2.0}
 CUSTOM = "custom"
 MODEL_CONFIG_KEYS = ("cldm", "swinir", "stage1", "diffusion")
 # Weight roles of a pipeline, in loading order.
@@ -212,6 +225,17 @@ def build_diffusion(diffusion: str | Mapping[str, Any]) -> Diffusion:
     return Diffusion(**diffusion)
 
 
+def flow_specs(
+    version: str, task: str, model_config: Mapping[str, Any] | None = None
+) -> dict[str, ModelSpec]:
+    """The spec of each part of a FLOW_TASKS task, e.g. {"background": ..., "face": ...}."""
+    if task not in FLOW_TASKS:
+        raise ValueError(f"unknown flow task {task!r}; choose one of {', '.join(FLOW_TASKS)}")
+    return {
+        part: model_spec(version, base, model_config) for part, base in FLOW_TASKS[task].items()
+    }
+
+
 def load_pipeline(
     spec: ModelSpec,
     paths: Mapping[str, str | Path],
@@ -227,11 +251,79 @@ def load_pipeline(
         device: "auto" (cuda > mps > cpu) or a torch device.
         precision: "fp32", "fp16" or "bf16".
     """
-    stage1 = load_stage1_model(spec.stage1_model, paths["stage1"], spec.stage1_config)
-    cldm = diffusion = None
-    if "sd" in paths or "controlnet" in paths:
-        if "sd" not in paths or "controlnet" not in paths:
-            raise ValueError("the diffusion stage needs both an SD and a ControlNet weight file")
-        cldm = load_cldm(spec.cldm, paths["sd"], paths["controlnet"])
-        diffusion = build_diffusion(spec.diffusion)
-    return DiffBIRPipeline(stage1, cldm, diffusion, device=device, precision=precision)
+    return load_pipelines({"main": spec}, {"main": paths}, device, precision)["main"]
+
+
+def load_pipelines(
+    specs: Mapping[str, ModelSpec],
+    paths: Mapping[str, Mapping[str, str | Path]],
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
+) -> dict[str, DiffBIRPipeline]:
+    """Build several pipelines (e.g. `flow_specs`' parts) that share what their files share.
+
+    Pipelines with the same SD and ControlNet files share one ControlLDM; with the same SD
+    file but another ControlNet (v1's general and face models) they share its UNet, VAE and
+    text encoder. Only the stage-1 models are always separate.
+
+    Args:
+        specs: name -> spec (`model_spec`, `flow_specs`).
+        paths: name -> weight paths by role, as for `load_pipeline`.
+        device: "auto" (cuda > mps > cpu) or a torch device.
+        precision: "fp32", "fp16" or "bf16".
+    """
+    loaded: list[tuple[ModelSpec, Mapping[str, str | Path], ControlLDM]] = []
+    pipelines = {}
+    for name, spec in specs.items():
+        files = paths[name]
+        stage1 = load_stage1_model(spec.stage1_model, files["stage1"], spec.stage1_config)
+        cldm = diffusion = None
+        if "sd" in files or "controlnet" in files:
+            if "sd" not in files or "controlnet" not in files:
+                raise ValueError(
+                    "the diffusion stage needs both an SD and a ControlNet weight file"
+                )
+            cldm = _shared_cldm(spec, files, loaded)
+            loaded.append((spec, files, cldm))
+            diffusion = build_diffusion(spec.diffusion)
+        pipelines[name] = DiffBIRPipeline(
+            stage1, cldm, diffusion, device=device, precision=precision
+        )
+    return pipelines
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _shared_cldm(
+    spec: ModelSpec,
+    files: Mapping[str, str | Path],
+    loaded: Sequence[tuple[ModelSpec, Mapping[str, str | Path], ControlLDM]],
+) -> ControlLDM:
+    """The ControlLDM for `files`, reusing the parts of an already loaded one where possible."""
+    for other_spec, other_files, cldm in loaded:
+        if other_spec.cldm != spec.cldm or not _same_file(other_files["sd"], files["sd"]):
+            continue
+        if _same_file(other_files["controlnet"], files["controlnet"]):
+            return cldm
+        controlnet = load_controlnet_file(spec.cldm, files["controlnet"])
+        shared = ControlLDM(
+            cldm.unet, controlnet, cldm.vae, cldm.text_encoder, cldm.latent_scale_factor
+        )
+        return shared.eval()
+    return load_cldm(spec.cldm, files["sd"], files["controlnet"])
+
+
+def load_controlnet_file(cfg: Mapping[str, Any], path: str | Path) -> LAControlNet:
+    """The LAControlNet of `cfg` (original vocabulary) from a released or our file (CPU)."""
+    state = read_controlnet_original(path)
+    with torch.device("meta"):
+        controlnet = build_lacontrolnet(**original_params(cfg)["controlnet_cfg"])
+    # No random init: the network has no buffers, and the strict load writes every parameter.
+    controlnet = controlnet.to_empty(device="cpu")
+    try:
+        load_controlnet_original(controlnet, state)
+    except (KeyError, ValueError) as exc:
+        raise WeightFileError(f"{path}: {exc}") from exc
+    return controlnet.eval()

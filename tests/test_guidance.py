@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.diffusion import diffusion_sd21, diffusion_sd21_zsnr
-from model.sampling import SpacedSampler, classifier_free_guidance
+from model.sampling import SpacedSampler, classifier_free_guidance, rescaled_cfg_scale
 from model.sampling.latent_guidance import (
     SCALE_FACTOR,
     LatentGuidance,
@@ -71,6 +71,47 @@ def test_cfg_scale_one_equals_conditional_sampling(name: str) -> None:
     strong = classifier_free_guidance(net, uncond, 4.0)
     assert not torch.equal(sampler.sample(strong, x_T, 6, cond, gen(1), progress=False), plain)
     assert any(calls)
+
+
+def per_image(z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """Like `stand_in`, with each image's own text term, so a stacked batch changes nothing."""
+    return (
+        0.4 * z_t
+        - 0.2 * cond["c_img"]
+        + 1e-4 * t.view(-1, 1, 1, 1)
+        + cond["c_txt"].mean((1, 2)).view(-1, 1, 1, 1)
+    )
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_batched_cfg_is_one_call_of_both_branches(rescale: bool) -> None:
+    calls = []
+
+    def net(z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        calls.append((z_t.shape[0], cond["c_txt"].shape[0], t.tolist()))
+        return per_image(z_t, t, cond)
+
+    cond, uncond = make_cond(1), make_cond(2)
+    z_t, t = torch.randn(SHAPE, generator=gen(0)), torch.tensor([500, 20])
+    separate = classifier_free_guidance(net, uncond, 4.0, rescale)(z_t, t, cond)
+    assert [c[0] for c in calls] == [2, 2]
+    calls.clear()
+    batched = classifier_free_guidance(net, uncond, 4.0, rescale, batched=True)(z_t, t, cond)
+    assert calls == [(4, 4, [500, 20, 500, 20])]
+    torch.testing.assert_close(batched, separate, atol=1e-6, rtol=0)
+    # by hand: uncond + s·(cond − uncond), with the rescaled s per image
+    s = torch.tensor([4.0, 4.0]) if not rescale else rescaled_cfg_scale(4.0, t).float()
+    out_cond, out_uncond = per_image(z_t, t, cond), per_image(z_t, t, uncond)
+    expected = out_uncond + s.view(-1, 1, 1, 1) * (out_cond - out_uncond)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched, out_cond, atol=1e-3)
+    # a scale of exactly 1 (the rescale at t = T, or scale 1) calls the network once with cond
+    calls.clear()
+    top = torch.tensor([1000, 1000])
+    for scale, rescaled in ((4.0, True), (1.0, False)):
+        wrapped = classifier_free_guidance(net, uncond, scale, rescaled, batched=True)
+        assert torch.equal(wrapped(z_t, top, cond), per_image(z_t, top, cond))
+    assert calls == [(2, 2, [1000, 1000])] * 2
 
 
 def guidance_inputs(preset: str, t_value: int = 500):

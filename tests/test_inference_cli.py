@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import inference
+from model.face import FFHQ_TEMPLATE_512
 from model.pipeline import DiffBIRPipeline
 from scripts.make_tiny_weights import write_tiny_weights
 
@@ -143,7 +145,10 @@ def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) 
         "--sampler", "ddim", "--eta", "0.5", "--start", "cond", "--noise-aug", "100",
         "--cfg-scale", "3", "--rescale-cfg", "--pos-prompt", "sharp", "--neg-prompt", "blurry",
         "--strength", "0.8", "--color-fix", "adain", "--output-format", "jpg", "--upscale", "2",
+        "--batch-size", "2",
     ]  # fmt: skip
+    # One batch of both images: at t = 999 the rescaled CFG scale is exactly 1, so only the
+    # conditional branch runs, and the tiny UNet cannot normalise one 8×8 latent alone.
     assert inference.main(custom) == 0
     assert _read(out / "rgb.jpg").shape == (32, 48, 3)
     assert _read(out / "sub" / "rgba.jpg").shape == (32, 48, 3)  # JPEG drops the alpha
@@ -200,6 +205,116 @@ def test_separate_cfg_branches_with_v2_faces(weights: Path, tmp_path: Path) -> N
     assert (
         json.loads((tmp_path / "out" / "a.png.json").read_text())["options"]["cfg_batched"] is False
     )
+
+
+class StubDetector:
+    """Reports one face at fixed landmarks given in output pixels of an `out_size` image."""
+
+    def __init__(self, landmarks: np.ndarray, out_size: tuple[int, int]) -> None:
+        self.landmarks, self.out_size = landmarks, out_size
+
+    def detect_faces(self, image: np.ndarray, conf_threshold: float = 0.8) -> np.ndarray:
+        points = self.landmarks * (image.shape[0] / self.out_size[0])
+        return np.array([[*points.min(0), *points.max(0), 0.99, *points.ravel()]], np.float32)
+
+
+@pytest.fixture(scope="module")
+def face_weights(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny weights plus random RetinaFace-MobileNet0.25 and ParseNet files."""
+    from facexlib.detection.retinaface import RetinaFace
+    from facexlib.parsing.parsenet import ParseNet
+
+    out = tmp_path_factory.mktemp("face_weights")
+    for path in weights.iterdir():
+        (out / path.name).symlink_to(path)
+    generator = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():  # torchvision's notice about `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        nets = {"detection_mobilenet0.25_Final.pth": RetinaFace("mobile0.25", device="cpu"),
+                "parsing_parsenet.pth": ParseNet(512, 512, parsing_ch=19)}  # fmt: skip
+    for name, net in nets.items():
+        state = {k: 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point()
+                 else v for k, v in net.state_dict().items()}  # fmt: skip
+        torch.save(state, out / name)
+    return out
+
+
+def test_face_background(face_weights: Path, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(2)
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+
+    def run(out: str, *extra: str) -> int:
+        argv = _base(face_weights, tmp_path / "in", tmp_path / out) + ["--steps", "1", *extra]
+        return inference.main(argv)
+
+    assert run("sr", "--upscale", "2") == 0
+    background = _read(tmp_path / "sr" / "a.png")
+    faces = ["--task", "face_background", "--face-detector", "retinaface_mobile0.25"]
+    # random detector weights find no face: the output is the sr restoration (default x2)
+    assert run("none", *faces) == 0
+    assert _read(tmp_path / "none" / "a.png").shape == (48, 64, 3)
+    assert np.array_equal(_read(tmp_path / "none" / "a.png"), background)
+    sidecar = json.loads((tmp_path / "none" / "a.png.json").read_text())
+    assert sidecar["task"] == "face_background" and sidecar["faces"] == []
+    assert sidecar["weights"]["face_detector"].endswith("detection_mobilenet0.25_Final.pth")
+    assert sidecar["weights"]["face_parser"].endswith("parsing_parsenet.pth")
+    assert sidecar["weights"]["face_stage1"].endswith("face_swinir_v1.ckpt")
+    assert sidecar["weights"]["face_controlnet"].endswith("DiffBIR_v2.1.pt")
+    # a stub detector reports one face: it is restored (512x512), saved and pasted back
+    face = (FFHQ_TEMPLATE_512 - 256) * 0.08 + np.array([32.0, 24.0])
+    monkeypatch.setattr(inference, "load_face_detector", lambda *a: StubDetector(face, (48, 64)))
+    assert run("face", *faces, "--no-face-parsing", "--save-faces") == 0
+    restored = _read(tmp_path / "face" / "a.png")
+    assert restored.shape == (48, 64, 3)
+    assert _read(tmp_path / "face" / "faces" / "a_face0.png").shape == (512, 512, 3)
+    sidecar = json.loads((tmp_path / "face" / "a.png.json").read_text())
+    assert len(sidecar["faces"]) == 1 and "face_parser" not in sidecar["weights"]
+    x1, y1, x2, y2 = np.round(sidecar["faces"][0][:4]).astype(int)
+    assert np.abs(restored.astype(int) - background)[y1:y2, x1:x2].mean() > 1
+    assert np.array_equal(restored[:, :8], background[:, :8])  # far from the face
+
+
+def test_face_background_setup_errors(weights: Path, tmp_path: Path, capsys) -> None:
+    _write_inputs(tmp_path / "in")
+    base = _base(weights, tmp_path / "in" / "rgb.png", tmp_path / "out")
+    # the tiny weights have no face detector / parser: offline, one error lists both
+    assert inference.main(base + ["--task", "face_background"]) == 2
+    err = capsys.readouterr().err
+    assert "2 weight file(s) missing" in err and str(weights) in err
+    for part in ("detection_Resnet50_Final.pth", "parsing_parsenet.pth",
+                 "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"):  # fmt: skip
+        assert part in err
+    argv = base + ["--task", "face_background", "--no-face-parsing"]
+    assert inference.main(argv + ["--face-detector", "retinaface_mobile0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "1 weight file(s) missing" in err and "detection_mobilenet0.25_Final.pth" in err
+    assert inference.main(argv + ["--version", "custom", "--schedule", "v2"]) == 2
+    assert "needs a released --version" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(base + ["--save-faces"])
+    assert exit_info.value.code == 2
+
+
+def test_file_list_captions_reach_the_pipeline(weights: Path, tmp_path: Path, monkeypatch) -> None:
+    _write_inputs(tmp_path / "in")
+    listing = tmp_path / "in" / "files.txt"
+    listing.write_text("rgb.png\ta red bird\ngray.png\n# skipped\nodd.jpg\tsnow\n")
+    seen = []
+    restore = DiffBIRPipeline.restore
+
+    def spy(self, lq, options=None, seeds=None, captions=None):
+        seen.append(captions)
+        return restore(self, lq, options, seeds, captions)
+
+    monkeypatch.setattr(DiffBIRPipeline, "restore", spy)
+    out = tmp_path / "out"
+    argv = _base(weights, listing, out) + ["--steps", "1", "--batch-size", "2", "--upscale", "1"]
+    assert inference.main(argv) == 0
+    # rgb and gray (16x24) form one batch, odd.jpg (13x19) another
+    assert seen == [["a red bird", ""], ["snow"]]
+    assert json.loads((out / "rgb.png.json").read_text())["caption"] == "a red bird"
+    assert json.loads((out / "gray.png.json").read_text())["caption"] == ""
 
 
 def test_out_of_memory_suggests_tiling(weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:

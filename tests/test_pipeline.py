@@ -14,6 +14,7 @@ import torch
 from conftest import load_fixture
 from torch import nn
 
+from model import pipeline_options
 from model.pipeline import (
     DEFAULT_NEG_PROMPT,
     DEFAULT_POS_PROMPT,
@@ -257,6 +258,31 @@ def test_stage1_placement_before_and_after_the_upscale(pipe: DiffBIRPipeline) ->
     assert pipe.restore_stage1(lq, FAST).shape[-2:] == (20, 30)
 
 
+class _Recorder(nn.Module):
+    """A ×1 identity "cleaner" that records the input sizes it sees."""
+
+    size_multiple = 1
+    output_scale = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        return x
+
+
+@pytest.mark.parametrize(("after_raise", "seen"), [(True, (64, 96)), (False, (20, 30))])
+def test_stage1_before_or_after_the_raise(after_raise: bool, seen: tuple[int, int]) -> None:
+    net = _Recorder()
+    model = Stage1Model("any", net, 1, 1, "constant", False, runs_after_raise=after_raise)
+    options = PipelineOptions(upscale=2, min_short_side=64)
+    out = DiffBIRPipeline(model, device="cpu").run_stage1(_lq(13, 10, 15), options)
+    # the requested 20×30 is under the minimum 64: raised to 64×96 before or after stage 1
+    assert net.seen == [seen] and out.shape[-2:] == (64, 96)
+
+
 def test_versions_name_the_released_weights() -> None:
     assert VERSIONS["v2.1"].weights("sr") == {
         "stage1": "swinir_realesrgan",
@@ -300,6 +326,7 @@ def test_model_configs(tmp_path: Path) -> None:
 
 
 def test_options_validation_and_defaults() -> None:
+    assert PipelineOptions is pipeline_options.PipelineOptions  # re-exported by model.pipeline
     defaults = PipelineOptions()
     assert (defaults.sampler, defaults.steps, defaults.cfg_scale, defaults.strength) == (
         "dpm++_3m_sde",

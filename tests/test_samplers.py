@@ -216,6 +216,19 @@ def test_start_latent(name: str, t_start: int) -> None:
     assert torch.equal(start_latent(sampler, diffusion, c_img, 10, "cond", gen(9)), expected)
 
 
+def test_start_latent_is_contiguous_whatever_the_condition_layout() -> None:
+    diffusion = diffusion_sd21()
+    sampler = make_sampler("ddim", diffusion, timestep_spacing="leading")
+    c_img = torch.randn(SHAPE, generator=gen(4))
+    channels_last = c_img.to(memory_format=torch.channels_last)
+    for mode in ("noise", "cond"):
+        x_T = start_latent(sampler, diffusion, channels_last, 10, mode, gen(9))
+        assert x_T.is_contiguous()
+        assert torch.equal(x_T, start_latent(sampler, diffusion, c_img, 10, mode, gen(9)))
+    # without the fix the elementwise blend follows the channels-last input
+    assert not (0.5 * channels_last + 0.5 * torch.randn(SHAPE)).is_contiguous()
+
+
 def test_start_latent_uses_the_first_scheduler_timestep() -> None:
     diffusion = diffusion_sd21()
     sampler = make_sampler("ddim", diffusion, timestep_spacing="leading")

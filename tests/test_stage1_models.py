@@ -137,6 +137,7 @@ def test_bsrnet_matches_reference(bsrnet_file: tuple[Path, KairRRDBNet]) -> None
     model = load_stage1_model("bsrnet", path)
     assert isinstance(model, Stage1Model)
     assert (model.scale, model.size_multiple, model.runs_before_upscale) == (4, 1, True)
+    assert model.runs_after_raise is False
     assert not model.training
     lq = torch.rand(2, 3, 13, 17)
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_bsrnet_full_layout(tmp_path: Path) -> None:
 def test_scunet_pads_like_the_original(scunet_file: Path) -> None:
     model = load_stage1_model("scunet", scunet_file)
     assert (model.scale, model.size_multiple, model.pad_mode) == (1, 64, "replicate")
-    assert model.runs_before_upscale is False
+    assert model.runs_before_upscale is False and model.runs_after_raise is False
     lq = torch.rand(1, 3, 70, 90)
     net = model.network.net  # the bare SCUNet, whose own padding is a no-op at ×64
     with torch.no_grad():
@@ -202,6 +203,7 @@ def test_swinir_matches_fixture(tmp_path: Path) -> None:
     path = save_pth(strip_prefix(tensors, "swinir."), tmp_path / "swinir.pth")
     model = load_stage1_model("swinir", path, meta["config"])
     assert (model.scale, model.size_multiple, model.runs_before_upscale) == (1, 64, False)
+    assert model.runs_after_raise is True  # the pipeline raises its input to 512 first
     with torch.no_grad():
         out = model(tensors["in.x_72x88"])
     torch.testing.assert_close(out, tensors["out.y_72x88_pad64"], atol=1e-4, rtol=1e-4)

@@ -29,6 +29,7 @@ def classifier_free_guidance(
     scale: float,
     rescale: bool = False,
     num_timesteps: int = 1000,
+    batched: bool = False,
 ) -> ModelFn:
     """Wrap a network with classifier-free guidance: uncond + s·(cond − uncond).
 
@@ -38,7 +39,16 @@ def classifier_free_guidance(
         scale: guidance scale s; 1 calls the network once with `cond` only.
         rescale: for s > 1, replace s by `rescaled_cfg_scale(s, t)` (t = original timestep).
         num_timesteps: T of the training schedule, for the rescale.
+        batched: run both branches in one call of batch 2B (conditional first); `cond` and
+            `uncond` must then be dicts of tensors with the batch first. Else two calls of B
+            (less memory). The two differ by matmul rounding only.
     """
+
+    def both_branches(x: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, ...]:
+        if not batched:
+            return model_fn(x, t, cond), model_fn(x, t, uncond)
+        stacked = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+        return model_fn(torch.cat([x, x]), torch.cat([t, t]), stacked).chunk(2)
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         s: float | torch.Tensor = scale
@@ -47,8 +57,7 @@ def classifier_free_guidance(
             s = 1.0 if bool(torch.all(s == 1.0)) else s.to(x).reshape(-1, *[1] * (x.ndim - 1))
         if not isinstance(s, torch.Tensor) and s == 1:
             return model_fn(x, t, cond)
-        out_cond = model_fn(x, t, cond)
-        out_uncond = model_fn(x, t, uncond)
+        out_cond, out_uncond = both_branches(x, t, cond)
         return out_uncond + s * (out_cond - out_uncond)
 
     return guided

@@ -270,7 +270,9 @@ def start_latent(
 
     "noise": ε ~ N(0, I). "cond": q_sample(c_img, t_start, ε), with t_start the first timestep
     the sampler uses for `steps` steps (T − 1 for "spaced" and "trailing" spacing). ε is drawn
-    with `generator` on its device and moved to c_img's device.
+    with `generator` on its device and moved to c_img's device. The result is contiguous
+    whatever c_img's memory format: a channels-last x_T (as a VAE may return) would make the
+    network pick other conv kernels and change the sample slightly.
     """
     device = generator.device if generator is not None else c_img.device
     noise = torch.randn(c_img.shape, generator=generator, device=device, dtype=c_img.dtype)
@@ -284,4 +286,4 @@ def start_latent(
     t_start = sampler.timesteps(steps)[0]
     alpha = diffusion.sqrt_alphas_cumprod[t_start].item()
     sigma = diffusion.sqrt_one_minus_alphas_cumprod[t_start].item()
-    return alpha * c_img + sigma * noise
+    return (alpha * c_img + sigma * noise).contiguous()
