@@ -68,3 +68,22 @@ def test_tiny_run_lowers_loss_and_saves_trainable_weights_only(
     assert train.main([*args, "--resume", "last", *overrides, "trainer.max_steps=32"]) == 0
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_weights: Path) -> None:
+    cfg = OmegaConf.merge(
+        OmegaConf.load("configs/tiny/stage2.yaml"),
+        OmegaConf.from_dotlist(tiny_config(tiny_weights, Path("unused"))),
+    )
+    batch = {"lq": torch.rand(2, 3, 128, 128), "hq": torch.rand(2, 3, 128, 128), "txt": ["", ""]}
+    grads = []
+    for checkpointing in (False, True):
+        cfg.system.params.gradient_checkpointing = checkpointing
+        system = instantiate(cfg.system).train()
+        torch.manual_seed(0)
+        system.training_step(batch, 0).backward()
+        grads.append([p.grad.clone() for p in system.cldm.controlnet.parameters()])
+    assert system.cldm.unet.is_gradient_checkpointing
+    assert system.cldm.controlnet.is_gradient_checkpointing
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads[1])
