@@ -11,8 +11,9 @@ tab on each line; it is prepended to the positive prompt of that image. Each out
 JSON sidecar (`<output>.json`) with every parameter and the seed; finished outputs are skipped
 on a rerun (--overwrite redoes them). An unreadable image is reported and skipped; the exit
 code is 0 when everything was restored, 1 when some images failed, 2 when nothing could start
-(bad arguments, missing weights, no inputs). Argument parsing, file walking, decoding and
-saving live here; the restoration itself is `model.pipeline.DiffBIRPipeline` (and
+(bad arguments, missing weights, no inputs). Argument parsing and wiring live here; file
+walking, decoding and saving are `dataset.image_folder`, the restoration itself is
+`model.restorer.make_restorer` over `model.pipeline.DiffBIRPipeline` (and
 `model.face_background.FaceBackgroundPipeline` for --task face_background).
 """
 
@@ -21,13 +22,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
-import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -35,15 +33,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dataset.file_sources import list_image_files, read_file_list
-from dataset.image_io import IMAGE_EXTENSIONS, DecodedImage, ImageReadError, decode_image
-from dataset.image_io import write_image as _write_image
+from dataset.image_folder import (
+    Job,
+    OutputSettings,
+    collect_inputs,
+    load_image,
+    make_jobs,
+    save_job,
+)
+from dataset.image_io import DecodedImage, ImageReadError
 from model.checkpoint_io import WeightFileError
 from model.color_fix import COLOR_FIX_MODES
 from model.diffusion import DIFFUSION_PRESETS
 from model.face import DETECTION_MODELS, FaceHelper, load_face_detector, load_face_parser
 from model.face_background import FaceBackgroundPipeline
-from model.pipeline import PRECISIONS, DiffBIRPipeline, PipelineOptions, resize
+from model.pipeline import PRECISIONS, PipelineOptions
+from model.restorer import Pipeline, batch_by_size, make_restorer, resize_alpha
 from model.sampling.latent_guidance import LatentGuidance
 from model.sampling.schedulers import SAMPLERS
 from model.stage1_models import STAGE1_MODELS
@@ -65,7 +70,6 @@ from model.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError, resolve_weig
 logger = logging.getLogger("inference")
 
 OUTPUT_FORMATS = ("png", "jpg", "webp")
-LIST_SUFFIXES = (".txt", ".list")
 # --tiled: the original CLI's tile sizes (stage 1 and diffusion 512/256, VAE 256).
 TILED_DEFAULTS = {"stage1_tile_size": 512, "vae_encoder_tile_size": 256,
                   "vae_decoder_tile_size": 256, "diffusion_tile_size": 512}  # fmt: skip
@@ -78,29 +82,6 @@ _GUIDANCE = get_type_hints(LatentGuidance)
 
 class SetupError(Exception):
     """A problem that stops the run before any image is restored (exit code 2)."""
-
-
-@dataclasses.dataclass
-class Job:
-    """One input file, its caption and where its results go."""
-
-    src: Path
-    dst: Path
-    stage1_dst: Path | None
-    caption: str = ""
-    faces_dst: Path | None = None
-
-    @property
-    def sidecar(self) -> Path:
-        return self.dst.with_name(self.dst.name + ".json")
-
-    def face_path(self, index: int) -> Path:
-        """Where the restored face `index` goes (with --save-faces)."""
-        name = f"{self.faces_dst.stem}_face{index}{self.faces_dst.suffix}"
-        return self.faces_dst.with_name(name)
-
-    def done(self) -> bool:
-        return self.dst.is_file() and self.sidecar.is_file()
 
 
 # fmt: off
@@ -206,64 +187,10 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     )  # fmt: skip
 
 
-def collect_inputs(spec: str, exclude: Path) -> tuple[list[Path], Path, dict[Path, str]]:
-    """(image files, the folder their relative paths are taken from, captions by file) for
-    --input; only file lists have captions (after a tab), the other files get none."""
-    path = Path(spec)
-    captions: dict[Path, str] = {}
-    if path.is_dir():
-        files, root = [Path(f) for f in list_image_files(path)], path
-    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        listed, texts = read_file_list(path)
-        files, root = [Path(f) for f in listed], None
-        captions = {f.resolve(): text for f, text in zip(files, texts, strict=True) if text}
-    elif path.is_file():
-        files, root = [path], path.parent
-    elif glob.has_magic(spec):
-        found = sorted(glob.glob(spec, recursive=True))
-        files = [Path(f) for f in found if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-        root = None
-    else:
-        raise SetupError(f"{spec}: no such file, folder or file list")
-    if not files:
-        raise SetupError(f"{spec}: no images found")
-    if root is None:
-        root = Path(os.path.commonpath([f.resolve().parent for f in files]))
-        files = [f.resolve() for f in files]
-    out = exclude.resolve()
-    if out != root.resolve() and out.is_relative_to(root.resolve()):
-        # an output folder inside the input folder: never take earlier outputs as inputs
-        files = [f for f in files if not f.resolve().is_relative_to(out)]
-        if not files:
-            raise SetupError(f"{spec}: no images found outside the output folder")
-    return files, root, captions
-
-
-def make_jobs(
-    files: list[Path],
-    root: Path,
-    args: argparse.Namespace,
-    captions: dict[Path, str] | None = None,
-) -> list[Job]:
-    """One job per file; outputs mirror the paths relative to `root`."""
-    captions = captions or {}
-    jobs, taken = [], set()
-    for src in files:
-        rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
-        dst = args.output / rel.with_suffix(f".{args.output_format}")
-        if dst in taken:  # e.g. a.png and a.jpg: keep both
-            dst = dst.with_name(f"{rel.stem}_{src.suffix[1:]}.{args.output_format}")
-        if dst.resolve() == src.resolve():
-            raise SetupError(
-                f"{src}: the output would overwrite the input; choose another --output"
-            )
-        taken.add(dst)
-        rel_dst = dst.relative_to(args.output)
-        stage1_dst = args.output / "stage1" / rel_dst if args.save_stage1 else None
-        faces_dst = args.output / "faces" / rel_dst if args.save_faces else None
-        caption = captions.get(src.resolve(), "")
-        jobs.append(Job(src, dst, stage1_dst, caption, faces_dst))
-    return jobs
+def output_settings(args: argparse.Namespace) -> OutputSettings:
+    """OutputSettings from parsed arguments."""
+    return OutputSettings(args.output, args.output_format, args.quality, args.bit_depth,
+                          args.save_stage1, args.save_faces)  # fmt: skip
 
 
 def weight_paths(
@@ -291,9 +218,6 @@ def weight_paths(
     names = list(dict.fromkeys(needed.values()))
     found = resolve_weights(names, [args.weights_dir], download=not args.offline)
     return {**paths, **{r: found[name] for r, name in needed.items()}}
-
-
-Pipeline = DiffBIRPipeline | FaceBackgroundPipeline
 
 
 def build(args: argparse.Namespace) -> tuple[Pipeline, dict[str, Path]]:
@@ -342,111 +266,6 @@ def build_face_background(
     return pipeline, paths
 
 
-def load_image(job: Job) -> tuple[DecodedImage, torch.Tensor]:
-    """The decoded file and its RGB as a (1, 3, H, W) float tensor."""
-    image = decode_image(job.src)
-    return image, torch.from_numpy(image.rgb).permute(2, 0, 1)[None]
-
-
-def write_image(
-    path: Path, rgb: np.ndarray, alpha: np.ndarray | None, args: argparse.Namespace
-) -> None:
-    """Write atomically; 8-bit output truncates like the original's (x*255).to(uint8)."""
-    if args.bit_depth == 8:
-        rgb = np.floor(rgb * 255.0) / 255.0
-        alpha = None if alpha is None else np.floor(alpha * 255.0) / 255.0
-    if args.output_format == "jpg":
-        alpha = None
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    _write_image(partial, rgb, alpha, bit_depth=args.bit_depth, quality=args.quality)
-    os.replace(partial, path)
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
-
-def save(
-    job: Job,
-    image: DecodedImage,
-    out: torch.Tensor,
-    stage1: torch.Tensor,
-    record: dict[str, Any],
-    args: argparse.Namespace,
-    faces: torch.Tensor | None = None,
-) -> None:
-    """Write the optional faces and stage-1 image, the output (alpha re-attached, resized) and,
-    last, the sidecar (a rerun skips a job only when its sidecar exists)."""
-    if job.faces_dst is not None and faces is not None:
-        for i, face in enumerate(faces):
-            write_image(job.face_path(i), _to_numpy(face), None, args)
-    alpha = None
-    if image.alpha is not None:
-        a = torch.from_numpy(image.alpha)[None, None]
-        alpha = resize(a, tuple(out.shape[-2:]))[0, 0].clamp(0, 1).numpy()
-    write_image(job.dst, _to_numpy(out), alpha, args)
-    if job.stage1_dst is not None:
-        write_image(job.stage1_dst, _to_numpy(stage1), alpha, args)
-    sidecar = {"input": str(job.src), "output": str(job.dst),
-               "stage1_output": None if job.stage1_dst is None else str(job.stage1_dst),
-               "input_size": list(image.rgb.shape[:2]), "output_size": list(out.shape[-2:]),
-               "input_bit_depth": image.bit_depth, "alpha": image.alpha is not None,
-               "caption": job.caption, **record}  # fmt: skip
-    partial = job.sidecar.with_name(f".{job.sidecar.name}.partial")
-    partial.write_text(json.dumps(sidecar, indent=2))
-    os.replace(partial, job.sidecar)
-
-
-@dataclasses.dataclass
-class Restored:
-    """A restorer's results for a batch, images at the output size in [0, 1].
-
-    Args:
-        images: (B, 3, H, W) restored images.
-        stage1: (B, 3, H, W) stage-1 images.
-        faces: face_background only: per image its restored faces (N_i, 3, 512, 512).
-        boxes: face_background only: per image its face boxes (N_i, 5) in output pixels
-            (x1, y1, x2, y2, score).
-    """
-
-    images: torch.Tensor
-    stage1: torch.Tensor
-    faces: list[torch.Tensor] | None = None
-    boxes: list[np.ndarray] | None = None
-
-
-Restorer = Callable[[torch.Tensor, Sequence[str] | None], Restored]
-
-
-def make_restorer(pipeline: Pipeline, options: PipelineOptions) -> Restorer:
-    """(lq batch, per-image captions or None) -> `Restored`.
-
-    The task dispatch point: a task with its own flow returns its own function here
-    (face_background: faces detected, restored and pasted back into the restored background).
-    """
-    if isinstance(pipeline, FaceBackgroundPipeline):
-
-        def with_faces(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
-            result = pipeline.restore(lq, options, captions=captions)
-            boxes = [found.boxes for found in result.aligned]
-            return Restored(result.images, result.stage1, result.faces, boxes)
-
-        return with_faces
-    if not pipeline.has_diffusion:
-
-        def stage1_only(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
-            out = pipeline.restore_stage1(lq, options)
-            return Restored(out, out)
-
-        return stage1_only
-
-    def restore(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
-        result = pipeline.restore(lq, options, captions=captions)
-        return Restored(result.images, result.stage1)
-
-    return restore
-
-
 class Runner:
     """Restores jobs batch by batch, reports failures and keeps the counts."""
 
@@ -459,6 +278,7 @@ class Runner:
     ) -> None:
         self.restorer = make_restorer(pipeline, options)
         self.record, self.args = record, args
+        self.settings = output_settings(args)
         self.failed: list[str] = []
         self.restored = 0
 
@@ -468,24 +288,19 @@ class Runner:
 
     def run(self, jobs: list[Job]) -> None:
         bar = tqdm(total=len(jobs), unit="img", disable=self.args.no_progress, file=sys.stderr)
-        pending: list[tuple[Job, DecodedImage, torch.Tensor]] = []
+        loaded = self.load(jobs, bar)
+        for batch in batch_by_size(loaded, self.args.batch_size, lambda item: item[2].shape[-2:]):
+            self.restore(batch, bar)
+        bar.close()
+
+    def load(self, jobs: list[Job], bar: tqdm) -> Iterator[tuple[Job, DecodedImage, torch.Tensor]]:
+        """The decodable jobs with their images; unreadable files are reported and counted."""
         for job in jobs:
             try:
-                pending.append((job, *load_image(job)))
+                yield (job, *load_image(job))
             except ImageReadError as exc:
                 self.fail(str(exc))
                 bar.update(1)
-                continue
-            size = pending[-1][2].shape[-2:]
-            if len(pending) > 1 and pending[0][2].shape[-2:] != size:
-                self.restore(pending[:-1], bar)
-                pending = pending[-1:]
-            if len(pending) == self.args.batch_size:
-                self.restore(pending, bar)
-                pending = []
-        if pending:
-            self.restore(pending, bar)
-        bar.close()
 
     def restore(self, batch: list[tuple[Job, DecodedImage, torch.Tensor]], bar: tqdm) -> None:
         start = time.perf_counter()
@@ -500,7 +315,9 @@ class Runner:
                 faces = None if result.faces is None else result.faces[i]
                 if result.boxes is not None:
                     record["faces"] = np.round(result.boxes[i], 2).tolist()
-                save(job, image, result.images[i], result.stage1[i], record, self.args, faces)
+                out = result.images[i]
+                alpha = resize_alpha(image.alpha, tuple(out.shape[-2:]))
+                save_job(job, image, out, result.stage1[i], alpha, record, self.settings, faces)
                 self.restored += 1
         except torch.OutOfMemoryError:
             self.fail(f"{names}: {OOM_HINT}")
@@ -546,10 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = options_from_args(args)
         files, root, captions = collect_inputs(args.input, args.output)
-        jobs = make_jobs(files, root, args, captions)
+        jobs = make_jobs(files, root, output_settings(args), captions)
         todo = [job for job in jobs if args.overwrite or not job.done()]
         if todo:
             pipeline, paths = build(args)
+    # ValueError covers dataset.image_folder.InputError (no inputs, output over an input)
     except (SetupError, MissingWeightsError, WeightFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
