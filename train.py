@@ -25,8 +25,6 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from model.instantiate import instantiate
 from model.systems.export import ExportWeights
 
-log = logging.getLogger("train")
-
 LOGGERS = ("tensorboard", "wandb", "csv")
 
 
@@ -84,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir or cfg.get("output_dir", "runs/default"))
     ckpt_dir = output_dir / "checkpoints"
+    resume_from = resolve_resume(args.resume, ckpt_dir)  # fail before loading any weights
     pl.seed_everything(cfg.get("seed", 231), workers=True)
 
     system = instantiate(cfg.system)
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
-    trainer.fit(system, datamodule=datamodule, ckpt_path=resolve_resume(args.resume, ckpt_dir))
+    trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from)
     return 0
 
 
