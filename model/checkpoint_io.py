@@ -52,6 +52,47 @@ def load_weight_file(path: str | Path) -> StateDict:
     return unwrap_state_dict(obj)
 
 
+def _summary(keys: list[str], what: str) -> str:
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"{len(keys)} {what} ({shown})"
+
+
+def check_state_keys(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor] | list[str],
+    source: str | Path,
+    what: str,
+) -> None:
+    """Raise one `WeightFileError` line naming `source` if `state` does not fit `expected`.
+
+    `expected` is a reference state dict (keys and shapes checked) or a list of key names.
+    """
+    shapes = expected if isinstance(expected, Mapping) else {}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in shapes.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        _summary(keys, kind)
+        for keys, kind in ((missing, "missing keys"), (unexpected, "unexpected keys"),
+                           (wrong, "shape mismatches"))
+        if keys
+    ]  # fmt: skip
+    if problems:
+        raise WeightFileError(f"{source}: not a {what} state dict: " + "; ".join(problems))
+
+
+def load_state_strict(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, what: str
+) -> None:
+    """`module.load_state_dict(state, strict=True)` with a one-line error naming `source`."""
+    check_state_keys(state, module.state_dict(), source, what)
+    module.load_state_dict(state, strict=True)
+
+
 def save_safetensors(
     state: Mapping[str, torch.Tensor], path: str | Path, config: Mapping[str, Any] | None = None
 ) -> None:

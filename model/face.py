@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.checkpoint_io import WeightFileError, load_weight_file
+from model.checkpoint_io import load_state_strict, load_weight_file
 from model.weights import DEFAULT_WEIGHTS_DIR, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -332,18 +332,7 @@ def find_face_weights(
 
 def _load_strict(net: nn.Module, path: Path, what: str) -> nn.Module:
     """Load a whole state dict; a wrong file gets a one-line error naming it."""
-    state = load_weight_file(path)
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even when not strict
-        detail = str(exc).splitlines()[1].strip()
-        raise WeightFileError(f"{path}: not a {what} state dict ({detail})") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightFileError(
-            f"{path}: not a {what} state dict ({len(result.missing_keys)} missing keys, e.g. "
-            f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected keys, e.g. "
-            f"{result.unexpected_keys[:2]})"
-        )
+    load_state_strict(net, load_weight_file(path), path, what)
     return net.eval()
 
 

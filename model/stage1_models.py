@@ -42,7 +42,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from model.checkpoint_io import StateDict, WeightFileError, load_weight_file
+from model.checkpoint_io import (
+    StateDict,
+    WeightFileError,
+    check_state_keys,
+    load_state_strict,
+    load_weight_file,
+)
 from model.sizing import crop_to, pad_to_multiple
 from model.stage1 import restore_stage1
 from model.swinir import load_swinir
@@ -123,37 +129,6 @@ class Stage1Model(nn.Module):
         return restore_stage1(self.network, lq, tile_size, tile_stride, progress)
 
 
-def _summary(keys: list[str], what: str) -> str:
-    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-    return f"{len(keys)} {what} ({shown})"
-
-
-def _check_keys(state: StateDict, expected: list[str], source: str | Path, what: str) -> None:
-    """One `WeightFileError` line naming `source` when the key sets differ."""
-    missing = [k for k in expected if k not in state]
-    unexpected = sorted(set(state) - set(expected))
-    problems = [
-        _summary(keys, kind)
-        for keys, kind in ((missing, "missing keys"), (unexpected, "unexpected keys"))
-        if keys
-    ]
-    if problems:
-        raise WeightFileError(f"{source}: not a {what} state dict: " + "; ".join(problems))
-
-
-def _load_strict(model: nn.Module, state: StateDict, source: str | Path, what: str) -> None:
-    """Strict load with a one-line error (key names, then shapes) naming `source`."""
-    _check_keys(state, list(model.state_dict()), source, what)
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in model.state_dict().items()
-        if state[k].shape != v.shape
-    ]
-    if wrong:
-        raise WeightFileError(f"{source}: not a {what} state dict: {_summary(wrong, 'shapes')}")
-    model.load_state_dict(state, strict=True)
-
-
 def _seq_len(state: StateDict, prefix: str) -> int:
     """Number of entries of an `nn.Sequential` stored under `prefix.<i>.`."""
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
@@ -200,7 +175,7 @@ def load_bsrnet(path: str | Path, config: Mapping[str, Any] | None = None) -> St
             f"{path}: not a BSRNet (KAIR RRDBNet) state dict: "
             "no conv_first.weight / RRDB_trunk.0.RDB1.conv1.weight"
         )
-    _check_keys(state, _bsrnet_keys(state), path, "BSRNet (KAIR RRDBNet)")
+    check_state_keys(state, _bsrnet_keys(state), path, "BSRNet (KAIR RRDBNet)")
     try:  # spandrel renames to its layout and loads strictly; shapes are checked there
         descriptor = ESRGANArch().load(state)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -234,7 +209,7 @@ def load_scunet(path: str | Path, config: Mapping[str, Any] | None = None) -> St
     if min(blocks) < 0:
         raise WeightFileError(f"{path}: not a SCUNet state dict: stage sizes {blocks}")
     net = SCUNet(in_nc=int(in_nc), config=blocks, dim=int(dim))
-    _load_strict(net, state, path, "SCUNet")
+    load_state_strict(net, state, path, "SCUNet")
     logger.info("loaded SCUNet (dim %d, blocks %s) weights from %s", dim, blocks, path)
     network = _PadCrop(net, multiple=64, mode="replicate", scale=1)
     return Stage1Model("scunet", network, 1, 64, "replicate", runs_before_upscale=False).eval()

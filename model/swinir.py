@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from model.checkpoint_io import (
-    WeightFileError,
+    load_state_strict,
     load_weight_file,
     read_safetensors_config,
     save_safetensors,
@@ -275,32 +275,9 @@ def swinir_diffbir_config() -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _summary(keys: list[str], what: str) -> str:
-    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-    return f"{len(keys)} {what} ({shown})"
-
-
 def load_swinir_state(model: SwinIR, state: Mapping[str, Tensor], source: str | Path) -> None:
     """Load `state` strictly; a mismatch raises one `WeightFileError` line naming `source`."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        _summary(keys, what)
-        for keys, what in ((missing, "missing keys"), (unexpected, "unexpected keys"),
-                           (wrong, "shape mismatches"))
-        if keys
-    ]  # fmt: skip
-    if problems:
-        raise WeightFileError(
-            f"{source}: not a SwinIR state dict for this config: " + "; ".join(problems)
-        )
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, source, "SwinIR")
 
 
 def load_swinir(path: str | Path, config: Mapping[str, Any] | None = None) -> SwinIR:

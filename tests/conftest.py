@@ -29,6 +29,19 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def assert_close_schedule(actual, expected: torch.Tensor) -> None:
+    """diffusion_schedules tolerances (float64 1e-12/1e-10, float32 1e-5); non-finite exactly."""
+    actual = torch.as_tensor(actual)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite)
+    assert torch.equal(actual[~finite], expected[~finite])
+    f64 = expected.dtype == torch.float64
+    tol = {"atol": 1e-12, "rtol": 1e-10} if f64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(actual[finite], expected[finite], **tol)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

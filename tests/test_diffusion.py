@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_fixture
+from conftest import assert_close_schedule, load_fixture
 
 from model.diffusion import (
     DIFFUSION_PRESETS,
@@ -18,20 +18,6 @@ from model.diffusion import (
 
 TENSORS, META = load_fixture("diffusion_schedules")
 PRESETS = {"v2_eps": diffusion_sd21, "v21_v": diffusion_sd21_zsnr}
-F64 = {"atol": 1e-12, "rtol": 1e-10}
-F32 = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def assert_close(actual: torch.Tensor | np.ndarray, expected: torch.Tensor) -> None:
-    """Compare with the fixture tolerances for expected's dtype; non-finite entries exactly."""
-    actual = torch.as_tensor(actual)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape
-    finite = torch.isfinite(expected)
-    assert torch.equal(torch.isfinite(actual), finite)
-    assert torch.equal(actual[~finite], expected[~finite])
-    tol = F64 if expected.dtype == torch.float64 else F32
-    torch.testing.assert_close(actual[finite], expected[finite], **tol)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -40,10 +26,10 @@ def test_training_schedule_matches_fixture(name: str) -> None:
     prefix = f"sched.{name}."
     assert diffusion.parameterization == META["schedules"][name]["parameterization"]
     assert diffusion.num_timesteps == META["schedules"][name]["num_timesteps"]
-    assert_close(diffusion.betas, TENSORS[prefix + "betas"])
-    assert_close(diffusion.alphas_cumprod, TENSORS[prefix + "alphas_cumprod"])
+    assert_close_schedule(diffusion.betas, TENSORS[prefix + "betas"])
+    assert_close_schedule(diffusion.alphas_cumprod, TENSORS[prefix + "alphas_cumprod"])
     for buffer in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-        assert_close(getattr(diffusion, buffer), TENSORS[prefix + buffer])
+        assert_close_schedule(getattr(diffusion, buffer), TENSORS[prefix + buffer])
     assert diffusion.alphas_cumprod[-1] == META["schedules"][name]["alphas_cumprod_last"]
 
 
@@ -68,7 +54,7 @@ def test_q_sample_matches_fixture(name: str) -> None:
     t = TENSORS[prefix + "t"]
     assert t.tolist() == [0, 500, 999]
     x_t = PRESETS[name]().q_sample(TENSORS[prefix + "x0"], t, TENSORS[prefix + "noise"])
-    assert_close(x_t, TENSORS[prefix + "x_t"])
+    assert_close_schedule(x_t, TENSORS[prefix + "x_t"])
     if name == "v21_v":  # zero terminal SNR: t = 999 is pure noise
         assert torch.equal(x_t[2], TENSORS[prefix + "noise"][2])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_fixture
+from conftest import assert_close_schedule, load_fixture
 
 from model.diffusion import diffusion_sd21, diffusion_sd21_zsnr
 from model.sampling import (
@@ -28,21 +28,6 @@ ONE_STEP = [
     for name, steps in SPACED
     for key in SCHEDULES[name]["spaced"][str(steps)]["one_step"]
 ]
-
-
-def assert_close(actual: torch.Tensor | np.ndarray, expected: torch.Tensor) -> None:
-    """Fixture tolerances: float64 atol 1e-12 / rtol 1e-10, float32 1e-5; non-finite exactly."""
-    actual = torch.as_tensor(actual)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    finite = torch.isfinite(expected)
-    assert torch.equal(torch.isfinite(actual), finite)
-    assert torch.equal(actual[~finite], expected[~finite])
-    tol = (
-        {"atol": 1e-12, "rtol": 1e-10}
-        if expected.dtype == torch.float64
-        else {"atol": 1e-5, "rtol": 1e-5}
-    )
-    torch.testing.assert_close(actual[finite], expected[finite], **tol)
 
 
 def sampler_for(name: str) -> SpacedSampler:
@@ -79,13 +64,13 @@ def test_spaced_schedule_matches_fixture(name: str, steps: int) -> None:
     prefix = f"spaced.{name}.s{steps}."
     meta = SCHEDULES[name]["spaced"][str(steps)]
     assert schedule.timesteps.tolist() == meta["timesteps"]
-    assert_close(torch.from_numpy(schedule.timesteps), TENSORS[prefix + "timesteps"])
-    assert_close(schedule.betas, TENSORS[prefix + "betas"])
-    assert_close(schedule.alphas_cumprod, TENSORS[prefix + "alphas_cumprod"])
+    assert_close_schedule(torch.from_numpy(schedule.timesteps), TENSORS[prefix + "timesteps"])
+    assert_close_schedule(schedule.betas, TENSORS[prefix + "betas"])
+    assert_close_schedule(schedule.alphas_cumprod, TENSORS[prefix + "alphas_cumprod"])
     assert list(BUFFER_NAMES) == meta["buffers"]
     for buffer in BUFFER_NAMES:
         values = getattr(schedule, buffer)
-        assert_close(values, TENSORS[prefix + buffer])
+        assert_close_schedule(values, TENSORS[prefix + buffer])
         nonfinite = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
         assert nonfinite == meta["nonfinite_entries"].get(buffer, [])
 
@@ -113,14 +98,14 @@ def test_p_sample_matches_fixture(name: str, steps: int, key: str) -> None:
 
     pred_x0 = sampler.predict_x0(schedule, x_t, t, output)
     mean, variance = sampler.q_posterior(schedule, pred_x0, x_t, t)
-    assert_close(pred_x0, TENSORS[p + "pred_x0"])
-    assert_close(mean, TENSORS[p + "mean"])
-    assert_close(variance, TENSORS[p + "variance"])
+    assert_close_schedule(pred_x0, TENSORS[p + "pred_x0"])
+    assert_close_schedule(mean, TENSORS[p + "mean"])
+    assert_close_schedule(variance, TENSORS[p + "variance"])
 
     model_fn = constant(output)
     x_prev = sampler.p_sample(model_fn, schedule, x_t, model_t, t, None, noise)
     assert model_fn.seen_t == [[info["model_t"]]]
-    assert_close(x_prev, TENSORS[p + "x_prev"])
+    assert_close_schedule(x_prev, TENSORS[p + "x_prev"])
     assert torch.equal(x_prev, mean) != info["noise_added"]
 
 
@@ -152,7 +137,7 @@ def test_cfg_step_matches_fixture(name: str, steps: int) -> None:
     for rescale, key in ((False, "x_prev_plain"), (True, "x_prev_rescaled")):
         guided = classifier_free_guidance(model_fn, "uncond", info["cfg_scale_arg"], rescale)
         x_prev = sampler.p_sample(guided, schedule, x_t, model_t, t, "cond", noise)
-        assert_close(x_prev, TENSORS[p + key])
+        assert_close_schedule(x_prev, TENSORS[p + key])
 
 
 @pytest.mark.parametrize("name,steps", SPACED)
@@ -207,7 +192,7 @@ def test_sampling_loop_matches_fixture(name: str) -> None:
         model_fn, TENSORS[p + "x_T"], 10, noise=TENSORS[p + "noise"], progress=False
     )
     assert seen == SCHEDULES[name]["loop_s10"]["model_t_sequence"]
-    assert_close(x_0, TENSORS[p + "x_0"])
+    assert_close_schedule(x_0, TENSORS[p + "x_0"])
 
 
 def test_generator_makes_sampling_reproducible() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.convert import sd21_cldm_cfg
 from model.vae import (
     LATENT_SCALE_FACTOR,
     build_vae,
@@ -15,18 +16,7 @@ from tests.conftest import load_fixture, load_manifest, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
-SD21_DDCONFIG = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
+SD21_DDCONFIG = sd21_cldm_cfg()["vae_cfg"]["ddconfig"]
 
 
 @pytest.fixture(scope="module")
