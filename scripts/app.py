@@ -269,7 +269,8 @@ class Restorer:
         h, w = image.rgb.shape[:2]
         summary = (
             f"{w}×{h} → {size[1]}×{size[0]} in {seconds:.1f} s · {request.version} / "
-            f"{request.task} · seed {seed} · {pipeline.device}"
+            f"{request.task} · {options.sampler} {options.steps} steps · seed {seed} · "
+            f"{pipeline.device}"
         )
         return RunResult(_to_uint8(before), _to_uint8(stage1), _to_uint8(after), png, seed, summary)
 

@@ -123,6 +123,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _set_number(page, elem_id: str, value: str) -> None:
+    """Type into a number box until the value sticks.
+
+    Controls inside a freshly opened accordion can re-mount with their default just after
+    the first keystrokes, so one fill is not always enough.
+    """
+    box = page.locator(f"#{elem_id} input[type=number]")
+    for _ in range(50):
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(100)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"#{elem_id} did not keep the value {value}")
+
+
 def test_browser_upload_run_download(
     restorer: Restorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,18 +177,16 @@ def test_browser_upload_run_download(
 
             page.locator("#input-image input[type=file]").set_input_files(str(src))
             expect(page.locator("#input-image img").first).to_be_visible(timeout=20_000)
-            page.locator("#upscale input[type=number]").fill("2")
-            page.locator("#upscale input[type=number]").press("Enter")
+            _set_number(page, "upscale", "2")
             page.get_by_text("Sampling", exact=True).click()
             for elem_id, value in (("steps", "2"), ("seed", "5"), ("min-short-side", "32")):
-                box = page.locator(f"#{elem_id} input[type=number]")
-                box.fill(value)
-                box.press("Enter")
+                _set_number(page, elem_id, value)
             start = time.perf_counter()
             page.locator("#run").click()
             expect(page.locator("#summary")).to_contain_text("seed 5", timeout=60_000)
             seconds = time.perf_counter() - start
             expect(page.locator("#summary")).to_contain_text("32×24 → 64×48")
+            expect(page.locator("#summary")).to_contain_text(" 2 steps")
             expect(page.locator("#result img")).to_have_count(2)
             before_src = page.locator("#result img").first.get_attribute("src")
             page.locator("#compare").get_by_text("stage 1").click()  # swap the left image
