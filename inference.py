@@ -12,9 +12,9 @@ JSON sidecar (`<output>.json`) with every parameter and the seed; finished outpu
 on a rerun (--overwrite redoes them). An unreadable image is reported and skipped; the exit
 code is 0 when everything was restored, 1 when some images failed, 2 when nothing could start
 (bad arguments, missing weights, no inputs). Argument parsing and wiring live here; file
-walking, decoding and saving are `dataset.image_folder`, the restoration itself is
-`model.restorer.make_restorer` over `model.pipeline.DiffBIRPipeline` (and
-`model.face_background.FaceBackgroundPipeline` for --task face_background).
+walking, decoding and saving are `model.io.folder_jobs`, the restoration itself is
+`model.pipelines.restorer.make_restorer` over `model.pipelines.diffbir.DiffBIRPipeline` (and
+`model.pipelines.face_background.FaceBackgroundPipeline` for --task face_background).
 """
 
 from __future__ import annotations
@@ -24,48 +24,36 @@ import dataclasses
 import datetime
 import logging
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
-from dataset.image_folder import (
-    Job,
+from model.diffusion.latent_guidance import LatentGuidance
+from model.diffusion.samplers import SAMPLERS
+from model.diffusion.schedule import DIFFUSION_PRESETS
+from model.io.checkpoint import WeightFileError
+from model.io.folder_jobs import (
     OutputSettings,
     collect_inputs,
-    load_image,
     make_jobs,
-    save_job,
 )
-from dataset.image_io import DecodedImage, ImageReadError
-from model.checkpoint_io import WeightFileError
-from model.color_fix import COLOR_FIX_MODES
-from model.diffusion import DIFFUSION_PRESETS
-from model.face import DETECTION_MODELS, FaceHelper, load_face_detector, load_face_parser
-from model.face_background import FaceBackgroundPipeline
-from model.pipeline import PRECISIONS, PipelineOptions
-from model.restorer import Pipeline, batch_by_size, make_restorer, resize_alpha
-from model.sampling.latent_guidance import LatentGuidance
-from model.sampling.schedulers import SAMPLERS
-from model.stage1_models import STAGE1_MODELS
-from model.versions import (
+from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
+from model.nets.stage1 import STAGE1_MODELS
+from model.ops.color_fix import COLOR_FIX_MODES
+from model.ops.device import PRECISIONS
+from model.pipelines.faces import DETECTION_MODELS
+from model.pipelines.folder_run import FolderRunner
+from model.pipelines.loading import load_pretrained_task
+from model.pipelines.options import PipelineOptions
+from model.pipelines.presets import (
     CUSTOM,
     DEFAULT_UPSCALE,
     FACE_BACKGROUND,
-    ROLES,
     TASK_CHOICES,
     VERSION_CHOICES,
-    flow_specs,
-    load_pipeline,
-    load_pipelines,
-    model_spec,
     read_model_config,
 )
-from model.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError, resolve_weights
+from model.pipelines.restorer import Pipeline
 
 logger = logging.getLogger("inference")
 
@@ -73,10 +61,6 @@ OUTPUT_FORMATS = ("png", "jpg", "webp")
 # --tiled: the original CLI's tile sizes (stage 1 and diffusion 512/256, VAE 256).
 TILED_DEFAULTS = {"stage1_tile_size": 512, "vae_encoder_tile_size": 256,
                   "vae_decoder_tile_size": 256, "diffusion_tile_size": 512}  # fmt: skip
-OOM_HINT = (
-    "out of memory; use --tiled, or smaller --stage1-tile-size / --vae-encoder-tile-size / "
-    "--vae-decoder-tile-size / --diffusion-tile-size, --batch-size 1, or --precision fp16"
-)
 _GUIDANCE = get_type_hints(LatentGuidance)
 
 
@@ -139,7 +123,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cfg-separate", action="store_true", help="run the two guidance branches as two calls (less memory)")
     s.add_argument("--pos-prompt", default=d.pos_prompt, help="positive prompt")
     s.add_argument("--neg-prompt", default=d.neg_prompt, help="negative prompt")
-    s.add_argument("--strength", type=float, default=d.strength, help="control strength (less: more creative)")
+    s.add_argument("--control-strength", "--strength", dest="control_strength", type=float, default=d.control_strength, help="control strength, multiplies every control scale (less: more creative)")
+    s.add_argument("--control-scales", type=_float_list, default=None, help="comma-separated scale per LAControlNet residual (13 for SD 2.1), times --control-strength")
+    s.add_argument("--control-start", type=float, default=d.control_start, help="fraction of the steps after which the LAControlNet starts steering")
+    s.add_argument("--control-end", type=float, default=d.control_end, help="fraction of the steps after which the frozen UNet runs alone")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of every image (recorded in the sidecar)")
     s.add_argument("--color-fix", choices=COLOR_FIX_MODES, default=d.color_fix, help="colour correction against the stage-1 image")
     s.add_argument("--min-short-side", type=int, default=d.min_short_side, help="process images with a shorter short side at this size")
@@ -151,6 +138,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--g-stop", type=int, default=-1, help="see --g-start")
     g.add_argument("--g-space", choices=get_args(_GUIDANCE["space"]), default="latent", help="compare in latent or RGB space")
     g.add_argument("--g-repeat", type=int, default=1, help="gradient steps per guided timestep")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_tiling_args(p: argparse.ArgumentParser) -> None:
@@ -181,7 +175,9 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         min_short_side=args.min_short_side, sampler=args.sampler, karras_sigmas=not args.no_karras,
         ddim_eta=args.eta, steps=args.steps, start=args.start, noise_aug=args.noise_aug,
         cfg_scale=args.cfg_scale, rescale_cfg=args.rescale_cfg, cfg_batched=not args.cfg_separate,
-        pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt, strength=args.strength,
+        pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt, control_strength=args.control_strength,
+        control_scales=args.control_scales, control_start=args.control_start,
+        control_end=args.control_end,
         guidance=guidance, color_fix=args.color_fix, seed=args.seed,
         diffusion_tile_batch_size=args.diffusion_tile_batch, **tiles,
     )  # fmt: skip
@@ -193,35 +189,8 @@ def output_settings(args: argparse.Namespace) -> OutputSettings:
                           args.save_stage1, args.save_faces)  # fmt: skip
 
 
-def weight_paths(
-    args: argparse.Namespace, weights: dict[str, str], extra: dict[str, str] | None = None
-) -> dict[str, Path]:
-    """Weight files by role: explicit flags first, then the registry (maybe downloading).
-
-    `weights` are the registry names of the ROLES; `extra` more roles and registry names
-    (no flags), found in the same search so that one error lists every missing file.
-    """
-    roles = ("stage1",) if args.stage1_only else ROLES
-    flags = {"stage1": "--stage1-ckpt", "sd": "--sd-ckpt", "controlnet": "--controlnet-ckpt"}
-    explicit = {r: getattr(args, flags[r][2:].replace("-", "_")) for r in roles}
-    paths = {r: p for r, p in explicit.items() if p is not None}
-    for role, path in paths.items():
-        if not path.is_file():
-            raise MissingWeightsError(f"{path}: weight file not found (given by {flags[role]})")
-    needed = {r: weights[r] for r in roles if r not in paths and r in weights}
-    needed.update(extra or {})
-    missing = [flags[r] for r in roles if r not in paths and r not in weights]
-    if missing:
-        raise MissingWeightsError(
-            f"a custom model needs its weight files: pass {', '.join(missing)}"
-        )
-    names = list(dict.fromkeys(needed.values()))
-    found = resolve_weights(names, [args.weights_dir], download=not args.offline)
-    return {**paths, **{r: found[name] for r, name in needed.items()}}
-
-
-def build(args: argparse.Namespace) -> tuple[Pipeline, dict[str, Path]]:
-    """The pipeline and the weight paths it was loaded from."""
+def build(args: argparse.Namespace) -> Pipeline:
+    """The pipeline of the arguments (`model.pipelines.loading.load_pretrained_task`)."""
     config = read_model_config(args.model_config) if args.model_config else {}
     if args.version == CUSTOM:
         if args.stage1_model:
@@ -230,117 +199,29 @@ def build(args: argparse.Namespace) -> tuple[Pipeline, dict[str, Path]]:
             config["diffusion"] = args.schedule
     elif args.stage1_model or args.schedule:
         raise SetupError("--stage1-model and --schedule are for --version custom")
-    if args.task == FACE_BACKGROUND:
-        return build_face_background(args, config)
-    spec = model_spec(args.version, args.task, config)
-    paths = weight_paths(args, dict(spec.weights))
-    return load_pipeline(spec, paths, args.device, args.precision), paths
-
-
-def build_face_background(
-    args: argparse.Namespace, config: dict[str, Any]
-) -> tuple[FaceBackgroundPipeline, dict[str, Path]]:
-    """The background pipeline (the --*-ckpt flags apply to it; the face model shares its SD
-    file), the face pipeline (the version's face weights) and the face detector / parser."""
-    if args.version == CUSTOM:
+    if args.version == CUSTOM and args.task == FACE_BACKGROUND:
         raise SetupError(f"--task {FACE_BACKGROUND} needs a released --version (its face model)")
-    specs = flow_specs(args.version, FACE_BACKGROUND, config)
-    face_roles = ("stage1",) if args.stage1_only else ("stage1", "controlnet")
-    extra = {f"face_{role}": specs["face"].weights[role] for role in face_roles}
-    extra["face_detector"] = args.face_detector
-    if not args.no_face_parsing:
-        extra["face_parser"] = "face_parsenet"
-    paths = weight_paths(args, dict(specs["background"].weights), extra)
-    parts = {"background": {r: paths[r] for r in ROLES if r in paths}}
-    parts["face"] = {**parts["background"], **{r: paths[f"face_{r}"] for r in face_roles}}
-    pipelines = load_pipelines(specs, parts, args.device, args.precision)
-    device = pipelines["background"].device
-    detector = load_face_detector(paths["face_detector"], args.face_detector, device)
-    parser = None if args.no_face_parsing else load_face_parser(paths["face_parser"], device)
-    pipeline = FaceBackgroundPipeline(
-        pipelines["background"],
-        pipelines["face"],
-        FaceHelper(detector, parser),
-        face_batch_size=args.batch_size,
-    )
-    return pipeline, paths
-
-
-class Runner:
-    """Restores jobs batch by batch, reports failures and keeps the counts."""
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        options: PipelineOptions,
-        record: dict[str, Any],
-        args: argparse.Namespace,
-    ) -> None:
-        self.restorer = make_restorer(pipeline, options)
-        self.record, self.args = record, args
-        self.settings = output_settings(args)
-        self.failed: list[str] = []
-        self.restored = 0
-
-    def fail(self, message: str) -> None:
-        self.failed.append(message)
-        tqdm.write(f"error: {message}", file=sys.stderr)
-
-    def run(self, jobs: list[Job]) -> None:
-        bar = tqdm(total=len(jobs), unit="img", disable=self.args.no_progress, file=sys.stderr)
-        loaded = self.load(jobs, bar)
-        for batch in batch_by_size(loaded, self.args.batch_size, lambda item: item[2].shape[-2:]):
-            self.restore(batch, bar)
-        bar.close()
-
-    def load(self, jobs: list[Job], bar: tqdm) -> Iterator[tuple[Job, DecodedImage, torch.Tensor]]:
-        """The decodable jobs with their images; unreadable files are reported and counted."""
-        for job in jobs:
-            try:
-                yield (job, *load_image(job))
-            except ImageReadError as exc:
-                self.fail(str(exc))
-                bar.update(1)
-
-    def restore(self, batch: list[tuple[Job, DecodedImage, torch.Tensor]], bar: tqdm) -> None:
-        start = time.perf_counter()
-        lq = torch.cat([x for _, _, x in batch])
-        names = ", ".join(str(job.src) for job, _, _ in batch)
-        captions = [job.caption for job, _, _ in batch]
-        try:
-            result = self.restorer(lq, captions if any(captions) else None)
-            seconds = (time.perf_counter() - start) / len(batch)
-            for i, (job, image, _) in enumerate(batch):
-                record = {**self.record, "seconds": round(seconds, 3)}
-                faces = None if result.faces is None else result.faces[i]
-                if result.boxes is not None:
-                    record["faces"] = np.round(result.boxes[i], 2).tolist()
-                out = result.images[i]
-                alpha = resize_alpha(image.alpha, tuple(out.shape[-2:]))
-                save_job(job, image, out, result.stage1[i], alpha, record, self.settings, faces)
-                self.restored += 1
-        except torch.OutOfMemoryError:
-            self.fail(f"{names}: {OOM_HINT}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except (RuntimeError, ValueError, OSError) as exc:
-            logger.debug("failure details", exc_info=True)
-            self.fail(f"{names}: {type(exc).__name__}: {exc}")
-        bar.update(len(batch))
-        bar.set_postfix_str(f"{(time.perf_counter() - start) / len(batch):.2f} s/img")
+    checkpoints = {
+        "stage1": args.stage1_ckpt,
+        "sd": args.sd_ckpt,
+        "controlnet": args.controlnet_ckpt,
+    }
+    return load_pretrained_task(
+        args.version, args.task, weights_dir=args.weights_dir, device=args.device,
+        dtype=args.precision, checkpoints=checkpoints, model_config=config,
+        stage1_only=args.stage1_only, offline=args.offline, face_detector=args.face_detector,
+        face_parsing=not args.no_face_parsing, face_batch_size=args.batch_size,
+    )  # fmt: skip
 
 
 def run_record(
-    args: argparse.Namespace,
-    options: PipelineOptions,
-    pipeline: Pipeline,
-    paths: dict[str, Path],
+    args: argparse.Namespace, options: PipelineOptions, pipeline: Pipeline
 ) -> dict[str, Any]:
     """The run-wide part of every sidecar."""
     return {
         "version": args.version, "task": args.task, "stage1_only": args.stage1_only,
         "seed": options.seed, "device": str(pipeline.device), "precision": pipeline.precision,
-        "weights": {role: str(path) for role, path in paths.items()},
+        "weights": {role: str(path) for role, path in pipeline.weight_paths.items()},
         "model_config": None if args.model_config is None else str(args.model_config),
         "options": dataclasses.asdict(options),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -366,15 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = make_jobs(files, root, output_settings(args), captions)
         todo = [job for job in jobs if args.overwrite or not job.done()]
         if todo:
-            pipeline, paths = build(args)
-    # ValueError covers dataset.image_folder.InputError (no inputs, output over an input)
+            pipeline = build(args)
+    # ValueError covers model.io.folder_jobs.InputError (no inputs, output over an input)
     except (SetupError, MissingWeightsError, WeightFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     skipped = len(jobs) - len(todo)
     runner = None
     if todo:
-        runner = Runner(pipeline, options, run_record(args, options, pipeline, paths), args)
+        record = run_record(args, options, pipeline)
+        runner = FolderRunner(pipeline, options, record, output_settings(args),
+                              args.batch_size, progress=not args.no_progress)  # fmt: skip
         runner.run(todo)
     restored, failed = (runner.restored, runner.failed) if runner else (0, [])
     print(f"done: {restored} restored, {skipped} skipped (already done), {len(failed)} failed "

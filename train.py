@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
-from model.instantiate import instantiate
-from model.systems.export import ExportWeights
+from model.train.export import ExportWeights
+from model.train.instantiate import instantiate
 
 LOGGERS = ("tensorboard", "wandb", "csv")
 

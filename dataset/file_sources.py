@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.image_io import IMAGE_EXTENSIONS
+from model.io.images import IMAGE_EXTENSIONS
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.file_sources import ImageList, load_image_list
-from dataset.image_io import ImageReadError, read_image
+from model.io.images import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 

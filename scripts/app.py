@@ -7,7 +7,7 @@
 
 Pipelines are built on first use and kept (least recently used first out) so that switching
 task or version does not reload the weights every time; tasks that use the same weight files
-share one pipeline. The restoration itself is `model.pipeline.DiffBIRPipeline`; this module
+share one pipeline. The restoration itself is `model.pipelines.diffbir.DiffBIRPipeline`; this module
 only decodes the upload, maps the controls to `PipelineOptions` and writes the PNG. Gradio is
 imported inside `build_app`/`main` after analytics are turned off, so importing this module
 has no side effects.
@@ -25,36 +25,33 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from dataset.image_io import ImageReadError, decode_image, write_image
-from model.color_fix import COLOR_FIX_MODES
-from model.pipeline import (
-    DEFAULT_NEG_PROMPT,
-    DEFAULT_POS_PROMPT,
-    PRECISIONS,
-    DiffBIRPipeline,
-    PipelineOptions,
-    resize,
-)
-from model.sampling.latent_guidance import LatentGuidance
-from model.sampling.schedulers import SAMPLERS
-from model.versions import (
+from model.diffusion.callbacks import SamplingStopped
+from model.diffusion.latent_guidance import LatentGuidance
+from model.diffusion.samplers import SAMPLERS
+from model.io.images import ImageReadError, decode_image, write_image
+from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
+from model.ops.color_fix import COLOR_FIX_MODES
+from model.ops.device import PRECISIONS
+from model.ops.sizing import resize
+from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.inputs import resize_alpha, to_uint8
+from model.pipelines.options import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT, PipelineOptions
+from model.pipelines.presets import (
     CUSTOM,
     DEFAULT_UPSCALE,
     ROLES,
     TASKS,
     VERSIONS,
-    load_pipeline,
     model_spec,
     read_model_config,
 )
-from model.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError, resolve_weights
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -99,7 +96,7 @@ class RunRequest:
     """The settings of one restoration, one field per control of the UI (same names).
 
     Args:
-        task, version: see `model.versions`.
+        task, version: see `model.pipelines.presets`.
         tile_stages: subset of TILE_STAGES to run tiled, with the sizes and strides below
             (image pixels).
         random_seed: draw a fresh seed instead of `seed`.
@@ -114,7 +111,7 @@ class RunRequest:
     cfg_scale: float = 6.0
     pos_prompt: str = DEFAULT_POS_PROMPT
     neg_prompt: str = DEFAULT_NEG_PROMPT
-    strength: float = 1.0
+    control_strength: float = 1.0
     seed: int | None = 231
     random_seed: bool = False
     color_fix: str = "wavelet"
@@ -156,7 +153,7 @@ class RunRequest:
         return PipelineOptions(
             upscale=float(self.upscale), min_short_side=int(self.min_short_side),
             sampler=self.sampler, steps=int(self.steps), cfg_scale=float(self.cfg_scale),
-            pos_prompt=self.pos_prompt, neg_prompt=self.neg_prompt, strength=float(self.strength),
+            pos_prompt=self.pos_prompt, neg_prompt=self.neg_prompt, control_strength=float(self.control_strength),
             guidance=guidance, color_fix=self.color_fix, seed=seed, progress=True, **tiles,
         )  # fmt: skip
 
@@ -182,11 +179,6 @@ class RunResult:
     summary: str
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, truncating like the CLI's 8-bit output."""
-    return (x.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 class Restorer:
     """Builds pipelines on demand, keeps the most recent ones, and restores uploaded files.
 
@@ -206,6 +198,7 @@ class Restorer:
         self.output_dir = output_dir or Path(tempfile.mkdtemp(prefix="diffbir_app_"))
         self._pipelines: OrderedDict[tuple, DiffBIRPipeline] = OrderedDict()
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
 
     @property
     def versions(self) -> list[str]:
@@ -213,25 +206,13 @@ class Restorer:
         custom = set(ROLES) <= set(self.config.checkpoints)
         return [*VERSIONS, *([CUSTOM] if custom else [])]
 
-    def weight_paths(self, weights: Mapping[str, str]) -> dict[str, Path]:
-        """Weight files by role: explicit checkpoints first, then the registry names."""
-        explicit = dict(self.config.checkpoints)
-        for role, path in explicit.items():
-            if not Path(path).is_file():
-                raise MissingWeightsError(f"{path}: {role} weight file not found")
-        needed = {role: weights[role] for role in ROLES if role not in explicit}
-        found = resolve_weights(
-            needed.values(), [self.config.weights_dir], download=not self.config.offline
-        )
-        return {**explicit, **{role: found[name] for role, name in needed.items()}}
-
     def pipeline(self, version: str, task: str) -> DiffBIRPipeline:
-        """The pipeline of (version, task), built on first use."""
+        """The pipeline of (version, task), built on first use; tasks whose model spec is
+        the same (v2.1 sr and denoise) share one."""
         if version not in self.versions:
             raise ValueError(f"unknown version {version!r}; choose one of {self.versions}")
         spec = model_spec(version, task, self.model_config)
-        paths = self.weight_paths(spec.weights)
-        key = (version, spec.stage1_model, tuple(sorted((r, str(p)) for r, p in paths.items())))
+        key = (version, spec.stage1_model, tuple(sorted(spec.weights.items())))
         with self._lock:
             if key in self._pipelines:
                 self._pipelines.move_to_end(key)
@@ -240,13 +221,30 @@ class Restorer:
                 self._pipelines.popitem(last=False)  # free memory before loading the next
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            logger.info("loading %s / %s from %s", version, task, paths)
-            pipeline = load_pipeline(spec, paths, self.config.device, self.config.precision)
+            logger.info("loading %s / %s", version, task)
+            pipeline = DiffBIRPipeline.from_pretrained(
+                version, task, weights_dir=self.config.weights_dir, device=self.config.device,
+                dtype=self.config.precision, checkpoints=self.config.checkpoints,
+                model_config=self.model_config, offline=self.config.offline,
+            )  # fmt: skip
             self._pipelines[key] = pipeline
             return pipeline
 
-    def restore(self, image_path: str | Path, request: RunRequest) -> RunResult:
-        """Restore one image file with `request`; writes the PNG into `output_dir`."""
+    def cancel(self) -> None:
+        """Ask the running restoration to stop after its current sampler step."""
+        self._cancel.set()
+
+    def restore(
+        self,
+        image_path: str | Path,
+        request: RunRequest,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> RunResult:
+        """Restore one image file with `request`; writes the PNG into `output_dir`.
+
+        `on_step(done, total)` reports sampler progress. A `cancel()` during the run raises
+        `SamplingStopped`.
+        """
         # an emptied seed box counts as "random seed"
         fresh = request.random_seed or request.seed is None
         seed = random.randrange(2**31) if fresh else int(request.seed)
@@ -254,25 +252,29 @@ class Restorer:
         image = decode_image(image_path)
         lq = torch.from_numpy(image.rgb).permute(2, 0, 1)[None]
         pipeline = self.pipeline(request.version, request.task)
+        self._cancel.clear()
+
+        def callback(step: int, t: int, latents: torch.Tensor) -> bool:
+            if on_step is not None:
+                on_step(step + 1, options.steps)
+            return self._cancel.is_set()
+
         start = time.perf_counter()
-        result = pipeline.restore(lq, options)
+        result = pipeline(lq, options, callback=callback)
         seconds = time.perf_counter() - start
         after, stage1 = result.images[0], result.stage1[0]
         size = tuple(after.shape[-2:])
         before = resize(lq.to(after.device), size)[0]
-        alpha = None
-        if image.alpha is not None:
-            a = torch.from_numpy(image.alpha)[None, None]
-            alpha = resize(a, size)[0, 0].clamp(0, 1).numpy()
+        alpha = resize_alpha(image.alpha, size)
         png = self._png_path(Path(image_path).stem, request, seed)
-        write_image(png, _to_uint8(after).astype(np.float32) / 255.0, alpha)
+        write_image(png, after.permute(1, 2, 0).cpu().numpy(), alpha)
         h, w = image.rgb.shape[:2]
         summary = (
             f"{w}×{h} → {size[1]}×{size[0]} in {seconds:.1f} s · {request.version} / "
             f"{request.task} · {options.sampler} {options.steps} steps · seed {seed} · "
             f"{pipeline.device}"
         )
-        return RunResult(_to_uint8(before), _to_uint8(stage1), _to_uint8(after), png, seed, summary)
+        return RunResult(to_uint8(before), to_uint8(stage1), to_uint8(after), png, seed, summary)
 
     def _png_path(self, stem: str, request: RunRequest, seed: int) -> Path:
         old = sorted(self.output_dir.glob("*.png"), key=lambda p: p.stat().st_mtime)
@@ -317,7 +319,9 @@ def build_app(config: AppConfig, restorer: Restorer | None = None) -> gr.Blocks:
                     fields["task"] = gr.Radio(list(TASKS), value=d.task, label="Task", info="face: aligned 512×512 faces", elem_id="task")
                     fields["version"] = gr.Dropdown(restorer.versions, value=d.version, label="Version", elem_id="version")
                 fields["upscale"] = gr.Slider(1, 8, value=d.upscale, step=0.5, label="Upscale", elem_id="upscale")
-                run = gr.Button("Run", variant="primary", elem_id="run")
+                with gr.Row():
+                    run = gr.Button("Run", variant="primary", elem_id="run")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 _sampling_controls(gr, fields, d)
                 _guidance_controls(gr, fields, d)
                 _tiling_controls(gr, fields, d)
@@ -329,6 +333,7 @@ def build_app(config: AppConfig, restorer: Restorer | None = None) -> gr.Blocks:
         shown = gr.State()  # (before, stage 1, after) of the last run, for the compare switch
         on_run, on_switch = _handlers(gr, restorer, list(fields), pack)
         run.click(on_run, [image, compare, *fields.values()], [*views, summary, download, fields["seed"], shown], api_name="restore")
+        cancel.click(restorer.cancel, None, None, queue=False, api_name=False)
         compare.change(on_switch, [compare, shown], views, api_name=False)
         fields["task"].change(lambda task: DEFAULT_UPSCALE[task], fields["task"], fields["upscale"], api_name=False)
     return app
@@ -336,7 +341,7 @@ def build_app(config: AppConfig, restorer: Restorer | None = None) -> gr.Blocks:
 
 def _handlers(gr: Any, restorer: Restorer, names: list[str], pack: Any) -> tuple[Any, Any]:
     """The Run handler (values of the `names` controls in order) and the compare switch."""
-    tracker = gr.Progress(track_tqdm=True)  # Gradio finds it as a parameter default
+    tracker = gr.Progress()  # Gradio finds it as a parameter default
 
     def shown(against: str, last: tuple | None) -> list:
         if last is None:
@@ -351,7 +356,9 @@ def _handlers(gr: Any, restorer: Restorer, names: list[str], pack: Any) -> tuple
         request = dataclasses.replace(request, tile_stages=tuple(request.tile_stages or ()))
         progress(0, desc=f"Restoring with {request.version} / {request.task} …")
         try:
-            res = restorer.restore(path, request)
+            res = restorer.restore(path, request, lambda done, total: progress((done, total), desc="sampling", unit="steps"))
+        except SamplingStopped as exc:
+            raise gr.Error(f"Cancelled after {exc.steps_done} of {request.steps} steps.") from None
         except Exception as exc:
             logger.exception("restoration failed")
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -375,7 +382,7 @@ def _sampling_controls(gr: Any, fields: dict[str, Any], d: RunRequest) -> None:
             fields["steps"] = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id="steps")
         with gr.Row():
             fields["cfg_scale"] = gr.Slider(1, 15, value=d.cfg_scale, step=0.5, label="CFG scale", info="1: no classifier-free guidance")
-            fields["strength"] = gr.Slider(0, 2, value=d.strength, step=0.05, label="Control strength", info="lower: more creative")
+            fields["control_strength"] = gr.Slider(0, 2, value=d.control_strength, step=0.05, label="Control strength", info="lower: more creative")
         fields["pos_prompt"] = gr.Textbox(d.pos_prompt, label="Positive prompt", lines=2)
         fields["neg_prompt"] = gr.Textbox(d.neg_prompt, label="Negative prompt", lines=2)
         with gr.Row():

@@ -35,18 +35,19 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import WeightFileError
-from model.cldm import ControlLDM
-from model.cldm_io import load_cldm
-from model.convert import build_sd_modules, original_params, sd21_cldm_cfg
-from model.diffusion import DIFFUSION_PRESETS, Diffusion, ModelFn
-from model.lacontrolnet import build_lacontrolnet
-from model.sampling.guidance import classifier_free_guidance
-from model.sampling.schedulers import SAMPLERS, make_sampler
-from model.sampling.tiled import tiled_model_fn
-from model.stage1 import restore_stage1
-from model.swinir import SwinIR, load_swinir, swinir_diffbir_config
-from model.weights import MissingWeightsError, resolve_weights
+from model.convert.cldm import original_params
+from model.convert.sd import build_sd_modules, sd21_cldm_cfg
+from model.diffusion.cfg import classifier_free_guidance
+from model.diffusion.samplers import SAMPLERS, make_sampler
+from model.diffusion.schedule import DIFFUSION_PRESETS, Diffusion, ModelFn
+from model.diffusion.tiled import tiled_model_fn
+from model.io.checkpoint import WeightFileError
+from model.io.cldm_files import load_cldm
+from model.io.weights import MissingWeightsError, resolve_weights
+from model.nets.cldm import ControlLDM
+from model.nets.lacontrolnet import build_lacontrolnet
+from model.nets.stage1 import restore_stage1
+from model.nets.swinir import SwinIR, load_swinir, swinir_diffbir_config
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class BenchConfig:
     Args:
         sizes: (H, W) output sizes in pixels, multiples of 64.
         steps: sampler steps of the whole-image run.
-        sampler: a name of `model.sampling.schedulers.SAMPLERS`.
+        sampler: a name of `model.diffusion.samplers.SAMPLERS`.
         version: release whose schedule (and, with `weights_dir`, files) is used.
         precision: "fp32", "fp16" or "bf16" (weights and activations).
         device: torch device string.

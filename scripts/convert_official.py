@@ -21,22 +21,26 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import WeightFileError, load_weight_file, save_safetensors
-from model.cldm_io import (
+from model.convert.cldm import check_controlnet_original, original_params
+from model.convert.controlnet import controlnet_state_from_original
+from model.convert.sd import sd21_cldm_cfg
+from model.convert.v1_full import split_v1_full_state
+from model.io.checkpoint import WeightFileError, load_weight_file, save_safetensors
+from model.io.cldm_files import (
     controlnet_config,
     load_sd,
     read_controlnet_original,
     save_sd,
     sd_state_to_ours,
 )
-from model.convert import (
-    check_controlnet_original,
-    original_params,
-    sd21_cldm_cfg,
-    split_v1_full_state,
+from model.nets.lacontrolnet import build_lacontrolnet
+from model.nets.swinir import (
+    SwinIR,
+    load_swinir,
+    load_swinir_state,
+    save_swinir,
+    swinir_diffbir_config,
 )
-from model.lacontrolnet import build_lacontrolnet, controlnet_state_from_original
-from model.swinir import SwinIR, load_swinir, load_swinir_state, save_swinir, swinir_diffbir_config
 
 KINDS = ("sd", "controlnet", "swinir", "v1-full")
 

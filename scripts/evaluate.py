@@ -4,7 +4,7 @@ without it, and FID between the two folders.
 Results are matched to ground truth by relative path without extension (`sub/0001.png` ↔
 `sub/0001.jpg`), falling back to the bare file stem when that is unique in the GT folder.
 Missing or differently sized GT images are reported by name and skipped for full-reference
-metrics. PSNR/SSIM come from `model.metrics` (BasicSR conventions); the learned metrics come
+metrics. PSNR/SSIM come from `model.eval.metrics` (BasicSR conventions); the learned metrics come
 from pyiqa, reading weights from `--metric-weights-dir` (torch-hub layout) when given.
 
     python -m scripts.evaluate --results out/ --gt data/gt --out eval/ --metrics psnr,ssim,lpips
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
-from model.iqa import PYIQA_NAMES, MetricUnavailable, build_pyiqa_metric
-from model.metrics import psnr, ssim
+from model.eval.iqa import PYIQA_NAMES, MetricUnavailable, build_pyiqa_metric
+from model.eval.metrics import psnr, ssim
+from model.io.images import IMAGE_EXTENSIONS, ImageReadError, read_image
 
 log = logging.getLogger(__name__)
 

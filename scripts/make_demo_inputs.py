@@ -25,7 +25,7 @@ from dataset.degradations import (
     add_gaussian_noise,
     jpeg_compress,
 )
-from dataset.image_io import write_image
+from model.io.images import write_image
 
 # (photo, top, left, size) of the crops; every photo is public domain or CC0 (see README).
 SR_CROPS = (("astronaut", 0, 128, 256), ("coffee", 100, 200, 256), ("chelsea", 40, 120, 256))

@@ -30,7 +30,7 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from dataset.image_io import ImageReadError, read_image
+from model.io.images import ImageReadError, read_image
 from scripts.evaluate import LOWER_IS_BETTER, list_images
 
 log = logging.getLogger(__name__)

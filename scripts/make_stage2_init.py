@@ -20,16 +20,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import WeightFileError
-from model.cldm_io import read_sd_original, save_controlnet
-from model.convert import (
-    controlnet_state_to_original,
-    original_params,
-    sd21_cldm_cfg,
-    split_sd_state,
-)
-from model.lacontrolnet import lacontrolnet_from_unet
-from model.unet import build_unet
+from model.convert.cldm import original_params, split_sd_state
+from model.convert.controlnet import controlnet_state_to_original
+from model.convert.sd import sd21_cldm_cfg
+from model.io.checkpoint import WeightFileError
+from model.io.cldm_files import read_sd_original, save_controlnet
+from model.nets.lacontrolnet import lacontrolnet_from_unet
+from model.nets.unet import build_unet
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

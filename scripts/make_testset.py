@@ -47,8 +47,8 @@ from omegaconf import OmegaConf
 
 from dataset.batch_transform import RealESRGANBatchTransform, SecondOrderParams
 from dataset.file_sources import list_image_files
-from dataset.image_io import ImageReadError, read_image, write_image
-from model.instantiate import instantiate
+from model.io.images import ImageReadError, read_image, write_image
+from model.train.instantiate import instantiate
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Write tiny random-weight files in the released layouts, so every CLI runs on a CPU in seconds.
 
-The files carry the released names (`model.weights.REGISTRY`), so `--weights-dir OUT` finds
+The files carry the released names (`model.io.weights.REGISTRY`), so `--weights-dir OUT` finds
 them like the real weights folder. Their architecture is the tiny one of `configs/tiny/cldm.yaml`
 and `configs/tiny/swinir.yaml`, recorded in OUT as well:
 
@@ -32,16 +32,13 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from model.convert import (
-    build_sd_modules,
-    controlnet_state_to_original,
-    original_params,
-    sd_states_to_original,
-)
-from model.lacontrolnet import build_lacontrolnet
-from model.swinir import SwinIR
-from model.unet import StateDict
-from model.weights import REGISTRY
+from model.convert.cldm import original_params
+from model.convert.controlnet import controlnet_state_to_original
+from model.convert.sd import build_sd_modules, sd_states_to_original
+from model.io.weights import REGISTRY
+from model.nets.lacontrolnet import build_lacontrolnet
+from model.nets.swinir import SwinIR
+from model.nets.unet import StateDict
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ SD_NAMES = ("sd21_base", "sd21_zsnr")
 CONTROLNET_NAMES = ("v1_general", "v1_face", "v2", "v2.1")
 SWINIR_NAMES = ("swinir_general", "swinir_face", "swinir_realesrgan")
 # Saved as {"state_dict": {"module." + key: ...}} (a DataParallel Lightning save), the others
-# as a plain state dict; `model.checkpoint_io.load_weight_file` unwraps both.
+# as a plain state dict; `model.io.checkpoint.load_weight_file` unwraps both.
 WRAPPED_SWINIR = ("swinir_general", "swinir_face")
 
 

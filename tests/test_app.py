@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.weights import MissingWeightsError
+from model.io.weights import MissingWeightsError
 from scripts import app
 from scripts.app import OOM_MESSAGE, AppConfig, Restorer, RunRequest, error_message
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.cldm import ControlLDM
+from model.nets.cldm import ControlLDM
 from scripts import benchmark
 from scripts.benchmark import (
     PARTS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cldm import ControlLDM
-from model.convert import cldm_from_original
+from model.convert.cldm import cldm_from_original
+from model.nets.cldm import ControlLDM
 from tests.conftest import load_fixture, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}

@@ -1,4 +1,4 @@
-"""Colour correction: wavelet low/high-frequency swap and AdaIN (model.color_fix)."""
+"""Colour correction: wavelet low/high-frequency swap and AdaIN (model.ops.color_fix)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.color_fix import (
+from model.ops.color_fix import (
     adaptive_instance_normalization,
     color_fix,
     mean_std,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from model.instantiate import get_obj_from_str, instantiate
+from model.train.instantiate import get_obj_from_str, instantiate
 
 CONFIGS = sorted(Path("configs").rglob("*.yaml"))
 

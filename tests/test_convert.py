@@ -8,7 +8,16 @@ import pytest
 import torch
 import yaml
 
-from model.cldm_io import (
+from model.convert.cldm import cldm_from_original, split_sd_state
+from model.convert.controlnet import controlnet_state_to_original
+from model.convert.sd import (
+    build_sd_modules,
+    sd21_cldm_cfg,
+    sd_state_to_original,
+    sd_states_to_original,
+)
+from model.convert.v1_full import split_v1_full_state
+from model.io.cldm_files import (
     load_cldm,
     load_controlnet,
     load_sd,
@@ -16,17 +25,7 @@ from model.cldm_io import (
     save_sd,
     sd_state_to_ours,
 )
-from model.convert import (
-    build_sd_modules,
-    cldm_from_original,
-    controlnet_state_to_original,
-    sd21_cldm_cfg,
-    sd_state_to_original,
-    sd_states_to_original,
-    split_sd_state,
-    split_v1_full_state,
-)
-from model.instantiate import instantiate
+from model.train.instantiate import instantiate
 from scripts import convert_official, make_stage2_init
 from tests.conftest import load_fixture, load_manifest, strip_prefix
 from tests.test_cldm import tiny_original
@@ -107,7 +106,7 @@ def test_sd_and_controlnet_round_trip_through_our_files(tiny, tiny_cldm, tmp_pat
 
 
 def test_controlnet_file_config_instantiates(tiny_cldm, tmp_path) -> None:
-    from model.cldm_io import read_safetensors_config
+    from model.io.cldm_files import read_safetensors_config
 
     save_controlnet(tiny_cldm.controlnet, tmp_path / "cn.safetensors")
     built = instantiate(read_safetensors_config(tmp_path / "cn.safetensors"))
@@ -135,7 +134,7 @@ def test_missing_extra_and_misshaped_keys(tiny, caplog) -> None:
     partial = {k: v for k, v in sd_state.items() if k != key}
     with pytest.raises(KeyError, match=key):
         cldm_from_original(cfg, partial, controlnet_state)
-    with caplog.at_level(logging.INFO, logger="model.convert"):
+    with caplog.at_level(logging.INFO, logger="model.convert.sd"):
         cldm_from_original(
             cfg, partial | {"model_ema.extra": torch.zeros(1)}, controlnet_state, allow_missing=True
         )
@@ -152,7 +151,7 @@ def test_config_forms_are_accepted(tiny) -> None:
     cfg, sd_state, controlnet_state = tiny
     from omegaconf import OmegaConf
 
-    wrapped = OmegaConf.create({"target": "diffbir.model.cldm.ControlLDM", "params": cfg})
+    wrapped = OmegaConf.create({"target": "diffbir.model.nets.cldm.ControlLDM", "params": cfg})
     model = cldm_from_original(wrapped, sd_state, controlnet_state)
     assert model.latent_scale_factor == pytest.approx(0.18215)
     with pytest.raises(ValueError, match="vae_cfg"):

@@ -20,7 +20,7 @@ from dataset.file_sources import ImageList, PackedStrings, load_image_list
 from dataset.paired_dataset import PairedDataset, RealESRGANDataset, augment
 from dataset.realesrgan import RealESRGANKernels
 from dataset.sampler import ResumableSampler
-from model.instantiate import instantiate
+from model.train.instantiate import instantiate
 
 
 def _write_images(folder, n: int, size=(40, 56), prefix="img") -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_close_schedule, load_fixture
 
-from model.diffusion import (
+from model.diffusion.schedule import (
     DIFFUSION_PRESETS,
     Diffusion,
     diffusion_sd21,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim
 
-from model import iqa
+from model.eval import iqa
 from scripts import evaluate
 from scripts.evaluate import main
 

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint_io import WeightFileError
-from model.face import (
+from model.io.checkpoint import WeightFileError
+from model.io.weights import MissingWeightsError
+from model.pipelines.faces import (
     FFHQ_TEMPLATE_512,
     FaceHelper,
     find_face_weights,
     load_face_helper,
 )
-from model.weights import MissingWeightsError
 
 H, W = 320, 400
 

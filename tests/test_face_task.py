@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from model.cldm_io import load_cldm
-from model.face import FFHQ_TEMPLATE_512, FaceHelper
-from model.face_background import FaceBackgroundPipeline
-from model.pipeline import DiffBIRPipeline, PipelineOptions
-from model.versions import (
+from model.io.cldm_files import load_cldm
+from model.io.weights import REGISTRY
+from model.pipelines.diffbir import DiffBIRPipeline, PipelineOptions
+from model.pipelines.face_background import FaceBackgroundPipeline
+from model.pipelines.faces import FFHQ_TEMPLATE_512, FaceHelper
+from model.pipelines.loading import load_pipelines
+from model.pipelines.presets import (
     FACE_BACKGROUND,
     FLOW_TASKS,
     TASK_CHOICES,
     TASKS,
     flow_specs,
-    load_pipelines,
     read_model_config,
 )
-from model.weights import REGISTRY
 from scripts.make_tiny_weights import write_tiny_weights
 
 # lq 40×48, ×2 -> 80×96 output; a face centred at (x 48, y 40) covering about 60 px.

@@ -6,16 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from model.diffusion import diffusion_sd21, diffusion_sd21_zsnr
-from model.sampling import SpacedSampler, classifier_free_guidance, rescaled_cfg_scale
-from model.sampling.latent_guidance import (
+from model.diffusion.cfg import classifier_free_guidance, rescaled_cfg_scale
+from model.diffusion.latent_guidance import (
     SCALE_FACTOR,
     LatentGuidance,
     edge_weights,
     latent_image_guidance,
     posterior_rescale,
 )
-from model.sampling.schedulers import make_sampler
+from model.diffusion.samplers import make_sampler
+from model.diffusion.schedule import diffusion_sd21, diffusion_sd21_zsnr
+from model.diffusion.spaced_ddpm import SpacedSampler
 
 PRESETS = {"eps": diffusion_sd21, "v_zsnr": diffusion_sd21_zsnr}
 SHAPE = (2, 4, 8, 8)

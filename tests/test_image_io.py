@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset.image_io import ImageReadError, decode_image, read_image, write_image
+from model.io.images import ImageReadError, decode_image, read_image, write_image
 
 
 @pytest.fixture

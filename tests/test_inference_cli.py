@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import inference
-from model.face import FFHQ_TEMPLATE_512
-from model.pipeline import DiffBIRPipeline
+from model.pipelines import loading
+from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.faces import FFHQ_TEMPLATE_512
 from scripts.make_tiny_weights import write_tiny_weights
 
 
@@ -129,7 +130,8 @@ def test_missing_weights_offline_lists_every_file(tmp_path: Path, capsys) -> Non
         assert filename in err
     assert "3 weight file(s) missing" in err
     assert inference.main(argv + ["--sd-ckpt", str(tmp_path / "nope.ckpt")]) == 2
-    assert "nope.ckpt: weight file not found (given by --sd-ckpt)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope.ckpt: weight file not found" in err and "--sd-ckpt" in err
 
 
 def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) -> None:
@@ -154,7 +156,7 @@ def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) 
     assert _read(out / "sub" / "rgba.jpg").shape == (32, 48, 3)  # JPEG drops the alpha
     options = json.loads((out / "rgb.jpg.json").read_text())["options"]
     assert (options["sampler"], options["ddim_eta"], options["start"]) == ("ddim", 0.5, "cond")
-    assert (options["pos_prompt"], options["neg_prompt"], options["strength"]) == (
+    assert (options["pos_prompt"], options["neg_prompt"], options["control_strength"]) == (
         "sharp",
         "blurry",
         0.8,
@@ -263,7 +265,7 @@ def test_face_background(face_weights: Path, tmp_path: Path, monkeypatch) -> Non
     assert sidecar["weights"]["face_controlnet"].endswith("DiffBIR_v2.1.pt")
     # a stub detector reports one face: it is restored (512x512), saved and pasted back
     face = (FFHQ_TEMPLATE_512 - 256) * 0.08 + np.array([32.0, 24.0])
-    monkeypatch.setattr(inference, "load_face_detector", lambda *a: StubDetector(face, (48, 64)))
+    monkeypatch.setattr(loading, "load_face_detector", lambda *a: StubDetector(face, (48, 64)))
     assert run("face", *faces, "--no-face-parsing", "--save-faces") == 0
     restored = _read(tmp_path / "face" / "a.png")
     assert restored.shape == (48, 64, 3)

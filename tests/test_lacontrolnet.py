@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.lacontrolnet import (
+from model.convert.controlnet import controlnet_keys_to_original, controlnet_state_from_original
+from model.convert.unet import unet_state_from_original
+from model.nets.lacontrolnet import (
     LAControlNet,
     build_lacontrolnet,
-    controlnet_state_from_original,
-    controlnet_state_to_original,
     diffbir_controlnet_cfg,
     lacontrolnet_from_unet,
 )
-from model.unet import UNetLayout, build_unet, unet_state_from_original
+from model.nets.unet import UNetLayout, build_unet
 from tests.conftest import load_fixture, load_manifest, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -60,7 +60,7 @@ def test_control_tensors_match_fixture(fixture, tiny_controlnet) -> None:
 def test_original_round_trip_is_lossless(fixture, tiny_controlnet) -> None:
     original = strip_prefix(fixture[0], "controlnet.")
     assert len(original) == len(tiny_controlnet.state_dict())
-    back = controlnet_state_to_original(tiny_controlnet.state_dict(), tiny_controlnet.layout)
+    back = controlnet_keys_to_original(tiny_controlnet.state_dict(), tiny_controlnet.layout)
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
 
@@ -91,7 +91,7 @@ def test_full_size_layout_and_control_shapes() -> None:
         controlnet = build_lacontrolnet(**diffbir_controlnet_cfg())
         z = torch.empty(1, 4, 64, 64)
         control = controlnet(z, torch.tensor([999]), torch.empty(1, 77, 1024), z)
-    original = controlnet_state_to_original(controlnet.state_dict(), controlnet.layout)
+    original = controlnet_keys_to_original(controlnet.state_dict(), controlnet.layout)
     assert len(manifest) == 324
     assert {k: list(v.shape) for k, v in original.items()} == manifest
     meta_state = {k: torch.empty(s, device="meta") for k, s in manifest.items()}
@@ -108,11 +108,11 @@ def test_full_size_layout_and_control_shapes() -> None:
 
 def test_from_unet_matches_released_layout_at_full_size() -> None:
     # make_stage2_init's path: a ControlNet derived from the SD 2.1 UNet has the released keys.
-    from model.unet import sd21_unet_cfg
+    from model.nets.unet import sd21_unet_cfg
 
     with torch.device("meta"):
         controlnet, report = lacontrolnet_from_unet(build_unet(**sd21_unet_cfg()))
-    original = controlnet_state_to_original(controlnet.state_dict(), controlnet.layout)
+    original = controlnet_keys_to_original(controlnet.state_dict(), controlnet.layout)
     assert {k: list(v.shape) for k, v in original.items()} == load_manifest(
         "diffbir_controlnet_keys"
     )

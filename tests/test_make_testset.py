@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from basicsr.utils.matlab_functions import imresize
 
-from dataset.image_io import read_image
+from model.io.images import read_image
 from scripts.make_testset import RealESRGANx4, build_parser, main
 
 

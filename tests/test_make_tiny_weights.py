@@ -9,11 +9,16 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import load_weight_file
-from model.cldm_io import load_cldm, read_controlnet_original, read_sd_original, sd_state_to_ours
-from model.convert import cldm_from_original, original_params
-from model.swinir import SwinIR, load_swinir
-from model.weights import REGISTRY, resolve_weights
+from model.convert.cldm import cldm_from_original, original_params
+from model.io.checkpoint import load_weight_file
+from model.io.cldm_files import (
+    load_cldm,
+    read_controlnet_original,
+    read_sd_original,
+    sd_state_to_ours,
+)
+from model.io.weights import REGISTRY, resolve_weights
+from model.nets.swinir import SwinIR, load_swinir
 from scripts import convert_official, make_tiny_weights
 from scripts.make_tiny_weights import (
     CONTROLNET_NAMES,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from basicsr.metrics import calculate_psnr, calculate_ssim
 
-from model.metrics import psnr, rgb_to_y, ssim
+from model.eval.metrics import psnr, rgb_to_y, ssim
 
 
 def _bgr_pair(seed: int, h: int = 40, w: int = 48) -> tuple[np.ndarray, np.ndarray]:

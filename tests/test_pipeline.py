@@ -14,26 +14,16 @@ import torch
 from conftest import load_fixture
 from torch import nn
 
-from model import pipeline_options
-from model.pipeline import (
-    DEFAULT_NEG_PROMPT,
-    DEFAULT_POS_PROMPT,
-    DiffBIRPipeline,
-    PipelineOptions,
-    short_side_size,
-)
-from model.sampling.latent_guidance import LatentGuidance
-from model.sampling.schedulers import SAMPLERS
-from model.stage1_models import Stage1Model
-from model.versions import (
-    TASKS,
-    VERSIONS,
-    build_diffusion,
-    load_pipeline,
-    model_spec,
-    read_model_config,
-)
-from model.weights import REGISTRY
+from model.diffusion.latent_guidance import LatentGuidance
+from model.diffusion.samplers import SAMPLERS
+from model.io.weights import REGISTRY
+from model.nets.stage1 import Stage1Model
+from model.ops.sizing import short_side_size
+from model.pipelines import options as pipeline_options
+from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.loading import load_pipeline
+from model.pipelines.options import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT, PipelineOptions
+from model.pipelines.presets import TASKS, VERSIONS, build_diffusion, model_spec, read_model_config
 from scripts.make_tiny_weights import write_tiny_weights
 
 FAST = PipelineOptions(upscale=2, min_short_side=32, steps=2)
@@ -184,7 +174,7 @@ def test_prompts_strength_start_noise_aug_and_colour_fix_matter(pipe: DiffBIRPip
     lq = _lq(8)
     plain = _restore(pipe, lq)
     assert pipe.cldm.control_scales == [1.0] * len(pipe.cldm.control_scales)
-    variants = dict(pos_prompt="a cat", strength=0.3, noise_aug=300,
+    variants = dict(pos_prompt="a cat", control_strength=0.3, noise_aug=300,
                     color_fix="adain", sampler="ddim", karras_sigmas=False)  # fmt: skip
     for key, value in variants.items():
         changed = _restore(pipe, lq, **{key: value})
@@ -326,9 +316,11 @@ def test_model_configs(tmp_path: Path) -> None:
 
 
 def test_options_validation_and_defaults() -> None:
-    assert PipelineOptions is pipeline_options.PipelineOptions  # re-exported by model.pipeline
+    assert (
+        PipelineOptions is pipeline_options.PipelineOptions
+    )  # re-exported by model.pipelines.diffbir
     defaults = PipelineOptions()
-    assert (defaults.sampler, defaults.steps, defaults.cfg_scale, defaults.strength) == (
+    assert (defaults.sampler, defaults.steps, defaults.cfg_scale, defaults.control_strength) == (
         "dpm++_3m_sde",
         10,
         6.0,

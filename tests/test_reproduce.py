@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dataset.image_io import read_image
+from model.io.images import read_image
 from scripts.reproduce import load_config, main
 
 CONFIGS = sorted(Path("configs/reproduce").glob("*.yaml"))

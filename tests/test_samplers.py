@@ -8,9 +8,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from torch import nn
 
-from model.diffusion import Diffusion, diffusion_sd21, diffusion_sd21_zsnr
-from model.sampling import SpacedSampler
-from model.sampling.schedulers import (
+from model.diffusion.samplers import (
     SAMPLERS,
     ZERO_SNR_ALPHA_CUMPROD,
     DiffusersSampler,
@@ -19,6 +17,8 @@ from model.sampling.schedulers import (
     scheduler_betas,
     start_latent,
 )
+from model.diffusion.schedule import Diffusion, diffusion_sd21, diffusion_sd21_zsnr
+from model.diffusion.spaced_ddpm import SpacedSampler
 
 PRESETS = {"eps": diffusion_sd21, "v_zsnr": diffusion_sd21_zsnr}
 NAMES = sorted(SAMPLERS)

@@ -7,13 +7,12 @@ import pytest
 import torch
 from conftest import assert_close_schedule, load_fixture
 
-from model.diffusion import diffusion_sd21, diffusion_sd21_zsnr
-from model.sampling import (
+from model.diffusion.cfg import classifier_free_guidance, rescaled_cfg_scale
+from model.diffusion.schedule import diffusion_sd21, diffusion_sd21_zsnr
+from model.diffusion.spaced_ddpm import (
     BUFFER_NAMES,
     SpacedSampler,
-    classifier_free_guidance,
     make_spaced_schedule,
-    rescaled_cfg_scale,
     space_timesteps,
 )
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import FIXTURES, load_fixture, strip_prefix
 from torch import nn
 
-from model.checkpoint_io import WeightFileError, save_safetensors
-from model.stage1_models import STAGE1_MODELS, Stage1Model, load_stage1_model
+from model.io.checkpoint import WeightFileError, save_safetensors
+from model.nets.stage1 import STAGE1_MODELS, Stage1Model, load_stage1_model
 
 pytest.importorskip("spandrel")
 

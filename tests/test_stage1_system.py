@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from model.iqa import MetricUnavailable, weights_location
-from model.swinir import SwinIR
-from model.systems.stage1 import Stage1System
+from model.eval.iqa import MetricUnavailable, weights_location
+from model.nets.swinir import SwinIR
+from model.train.stage1 import Stage1System
 
 
 def tiny_swinir() -> SwinIR:

@@ -10,10 +10,10 @@ import torch
 from conftest import FIXTURES, load_fixture, load_manifest, strip_prefix
 from torch import nn
 
-from model.checkpoint_io import WeightFileError
-from model.stage1 import restore_stage1
-from model.swin_blocks import shifted_window_mask
-from model.swinir import (
+from model.io.checkpoint import WeightFileError
+from model.nets.stage1 import restore_stage1
+from model.nets.swin_blocks import shifted_window_mask
+from model.nets.swinir import (
     SwinIR,
     load_swinir,
     save_swinir,

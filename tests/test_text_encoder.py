@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.text_encoder import (
-    FrozenOpenCLIPText,
-    build_text_encoder,
-    text_state_from_original,
-    text_state_to_original,
-)
+from model.convert.text_encoder import text_state_from_original, text_state_to_original
+from model.nets.text_encoder import FrozenOpenCLIPText, build_text_encoder
 from tests.conftest import load_fixture, load_manifest, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from model.diffusion import diffusion_sd21_zsnr
-from model.sampling import classifier_free_guidance
-from model.sampling.schedulers import make_sampler
-from model.sampling.tiled import tiled_model_fn
-from model.tiling import tile_starts
+from model.diffusion.cfg import classifier_free_guidance
+from model.diffusion.samplers import make_sampler
+from model.diffusion.schedule import diffusion_sd21_zsnr
+from model.diffusion.tiled import tiled_model_fn
+from model.ops.tiling import tile_starts
 
 
 def gen(seed: int) -> torch.Generator:

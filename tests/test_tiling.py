@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from conftest import load_fixture, strip_prefix
 from torch import nn
 
-from model.sizing import crop_to, pad_to_multiple, resize_short_side_to
-from model.stage1 import restore_stage1
-from model.swinir import SwinIR
-from model.tiling import gaussian_weights, tile_starts, tiled_forward
+from model.nets.stage1 import restore_stage1
+from model.nets.swinir import SwinIR
+from model.ops.sizing import crop_to, pad_to_multiple, resize_short_side_to
+from model.ops.tiling import gaussian_weights, tile_starts, tiled_forward
 
 # Measured: a pointwise fn differs from untiled by <= 6e-7 (float rounding of the weighted
 # mean); a stack of three 3x3 convs by 3.3e-6 (tile 64 / stride 32) and 2.0e-5 (32 / 16).

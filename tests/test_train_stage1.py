@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from model.swinir import load_swinir
+from model.nets.swinir import load_swinir
 from scripts import make_demo_images
 
 

@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from model.cldm_io import load_controlnet
-from model.instantiate import instantiate
-from model.systems.stage2 import TRAINABLE_PREFIX
+from model.io.cldm_files import load_controlnet
+from model.train.instantiate import instantiate
+from model.train.stage2 import TRAINABLE_PREFIX
 
 
 def tiny_config(weights: Path, demo: Path) -> list[str]:

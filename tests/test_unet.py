@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.unet import (
-    UNetLayout,
-    build_unet,
-    sd21_unet_cfg,
-    unet_state_from_original,
-    unet_state_to_original,
-)
+from model.convert.unet import unet_state_from_original, unet_state_to_original
+from model.nets.unet import UNetLayout, build_unet, sd21_unet_cfg
 from tests.conftest import load_fixture, load_manifest, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}

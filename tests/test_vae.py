@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.convert import sd21_cldm_cfg
-from model.vae import (
-    LATENT_SCALE_FACTOR,
-    build_vae,
-    vae_state_from_original,
-    vae_state_to_original,
-)
+from model.convert.sd import sd21_cldm_cfg
+from model.convert.vae import vae_state_from_original, vae_state_to_original
+from model.nets.vae import LATENT_SCALE_FACTOR, build_vae
 from tests.conftest import load_fixture, load_manifest, strip_prefix
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}

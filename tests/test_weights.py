@@ -8,8 +8,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from model import weights
-from model.weights import REGISTRY, MissingWeightsError, resolve_weights, sha256_of
+from model.io import weights
+from model.io.weights import REGISTRY, MissingWeightsError, resolve_weights, sha256_of
 
 
 def test_finds_files_in_weights_dir(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: full-reference metrics, pyiqa glue, test-set scoring."""

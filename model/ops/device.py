@@ -1,0 +1,34 @@
+"""Devices and precisions by name: the one table every entry point and the pipeline share."""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device for `device`; "auto" picks cuda, else mps, else cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def precision_name(dtype: str | torch.dtype) -> str:
+    """ "fp32" / "fp16" / "bf16" for a precision name or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in PRECISIONS.items():
+            if value == dtype:
+                return name
+        raise ValueError(f"unsupported dtype {dtype}; use one of {list(PRECISIONS.values())}")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {dtype!r}")
+    return dtype

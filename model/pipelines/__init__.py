@@ -1,0 +1,1 @@
+"""Pipelines: DiffBIRPipeline (from_pretrained), its options, the release presets and faces."""

@@ -1,0 +1,547 @@
+"""DiffBIRPipeline: LQ images in, restored images out, in the shape of a diffusers pipeline.
+
+Data flow (the original's sizing rules by default, see reference README "Format facts"):
+
+    lq (B,3,h,w) ─ stage 1 ─> I_reg, short side >= min_short_side ─ pad ×64 ─ VAE encode ─> c_img
+    prompts ─ text encoder (cached per prompt) ─> c_txt (positive), c_txt (negative, CFG only)
+    x_T (noise, diffused c_img or `latents`) ─ sampler over ControlLDM [tiles] [CFG] [guidance] ─> z_0
+    z_0 ─ VAE decode ─ crop ─ colour fix against I_reg ─ resize to (int(h·s), int(w·s)) ─> image
+
+`DiffBIRPipeline.from_pretrained("v2.1", task="sr")` loads a release (`model.pipelines.loading`);
+`pipe(images, ...)` takes tensors, PIL images or numpy arrays and returns a `PipelineResult`.
+Stage-1 placement is `model.nets.stage1.Stage1Model.at_processing_size`. Each image has its
+own random stream (a seed, or a generator), so its result does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from model.diffusion.callbacks import StepCallback
+from model.diffusion.cfg import classifier_free_guidance
+from model.diffusion.latent_guidance import latent_image_guidance
+from model.diffusion.samplers import Sampler, SpacedDDPM, make_sampler, start_latent
+from model.diffusion.schedule import Diffusion, ModelFn
+from model.diffusion.tiled import tiled_model_fn
+from model.nets.cldm import ControlLDM
+from model.nets.stage1 import Stage1Model
+from model.ops.color_fix import color_fix
+from model.ops.device import PRECISIONS, precision_name, resolve_device
+from model.ops.sizing import pad_to_multiple, resize
+from model.ops.tiling import tiled_forward
+from model.pipelines.inputs import OutputType, to_batch, to_output
+from model.pipelines.options import PipelineOptions
+
+logger = logging.getLogger(__name__)
+
+# Condition images are zero-padded to this before VAE encoding (latents ×8), as the original.
+PAD_MULTIPLE = 64
+# enable_vae_tiling(): the original CLI's --vae_encoder_tile_size / --vae_decoder_tile_size.
+VAE_TILE_SIZE = 256
+# Distinct prompts whose embeddings are kept.
+PROMPT_CACHE_SIZE = 64
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """Outputs of a pipeline call, at the output size.
+
+    Args:
+        images: the restored images: (B, 3, H, W) in [0, 1] on the device for output_type
+            "pt", else a list of PIL images or of HWC uint8 arrays (alpha re-attached where
+            the input had it).
+        stage1: the stage-1 images (I_reg) in the same form.
+        seeds: the seed of each image, None where a generator was given.
+    """
+
+    images: Any
+    stage1: Any
+    seeds: list[int | None]
+
+
+class DiffBIRPipeline:
+    """Two-stage blind image restoration.
+
+    Args:
+        stage1: the stage-1 cleaner (`model.nets.stage1.load_stage1_model`).
+        cldm: the ControlLDM, or None for a stage-1-only pipeline.
+        diffusion: its training schedule (None with `cldm=None`).
+        device: "auto" (cuda > mps > cpu) or a torch device; the models are moved there.
+        precision: "fp32", "fp16" or "bf16" (or a torch dtype). Lower precision runs stage 1
+            and the ControlLDM network under autocast, with UNet/LAControlNet weights cast
+            (norms kept in fp32) on accelerators; the VAE and text encoder run in fp32. fp16 on
+            a CPU falls back to fp32.
+
+    Attributes:
+        options: the defaults of every call; keyword arguments of a call override them, and
+            `set_sampler`, `enable_vae_tiling` change them.
+        weight_paths: the files `from_pretrained` loaded, by role.
+    """
+
+    def __init__(
+        self,
+        stage1: Stage1Model,
+        cldm: ControlLDM | None = None,
+        diffusion: Diffusion | None = None,
+        device: str | torch.device = "auto",
+        precision: str | torch.dtype = "fp32",
+    ) -> None:
+        if (cldm is None) != (diffusion is None):
+            raise ValueError("cldm and diffusion go together (both None for stage 1 only)")
+        self.stage1, self.cldm, self.diffusion = stage1.eval(), cldm, diffusion
+        if cldm is not None:
+            self.cldm = cldm.eval()
+        self.options = PipelineOptions()
+        self.weight_paths: dict[str, Path] = {}
+        self.offload = False
+        self._prompt_cache: dict[str, Tensor] = {}
+        self.device = resolve_device(device)
+        self.precision = "fp32"
+        self.to(self.device, precision)
+
+    @classmethod
+    def from_pretrained(
+        cls, version: str = "v2.1", task: str = "sr", **kwargs: Any
+    ) -> DiffBIRPipeline:
+        """A released model set (or "custom"), its weights found or downloaded by the registry.
+
+        Args:
+            version: "v1", "v2", "v2.1" or "custom" (then `model_config` and `checkpoints`).
+            task: "sr", "denoise" or "face".
+            **kwargs: of `model.pipelines.loading.load_pretrained`: weights_dir, device,
+                dtype, checkpoints ({"stage1"|"sd"|"controlnet": path}), model_config,
+                stage1_only, offline.
+        """
+        from model.pipelines.loading import load_pretrained
+
+        return load_pretrained(version, task, **kwargs)
+
+    # ---- state: device, precision, offload, options -------------------------------------------
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> DiffBIRPipeline:
+        """Move the models to `device` and/or run them at `dtype` ("fp16", torch.bfloat16, ...)."""
+        if device is not None:
+            self.device = resolve_device(device)
+        if dtype is not None:
+            precision = precision_name(dtype)
+            if self.device.type == "cpu" and precision == "fp16":
+                logger.warning("fp16 is not supported well on the CPU; using fp32")
+                precision = "fp32"
+            self.precision = precision
+        self._prompt_cache.clear()
+        home = torch.device("cpu") if self.offload else self.device
+        self.stage1.to(home)
+        if self.cldm is not None:
+            self.cldm.to(home)
+            self.diffusion.to(self.device)
+            self._cast_network()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network precision as a torch dtype."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def has_diffusion(self) -> bool:
+        """False for a stage-1-only pipeline."""
+        return self.cldm is not None
+
+    def _cast_network(self) -> None:
+        # Like the original's cast_dtype: blocks in half precision, normalisations in fp32.
+        # On the CPU weights stay fp32 under autocast.
+        dtype = self.dtype if self.device.type != "cpu" else torch.float32
+        for module in (self.cldm.unet, self.cldm.controlnet):
+            # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
+            nn.Module.to(module, dtype)
+            for sub in module.modules():
+                if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
+                    sub.float()
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep every network on the CPU and move each to `device` only while it runs
+        (stage 1, text encoder, VAE, LAControlNet + UNet): peak accelerator memory is about the
+        largest of them instead of their sum."""
+        self.offload = True
+        self.to(device)
+
+    def disable_model_cpu_offload(self) -> None:
+        """Keep every network on the pipeline's device."""
+        self.offload = False
+        self.to(self.device)
+
+    def enable_vae_tiling(self, tile_size: int = VAE_TILE_SIZE, stride: int | None = None) -> None:
+        """VAE encoder and decoder in overlapping tiles of `tile_size` image pixels by default."""
+        self.options = dataclasses.replace(
+            self.options,
+            vae_encoder_tile_size=tile_size, vae_encoder_tile_stride=stride,
+            vae_decoder_tile_size=tile_size, vae_decoder_tile_stride=stride,
+        )  # fmt: skip
+
+    def disable_vae_tiling(self) -> None:
+        """VAE encoder and decoder on whole images by default."""
+        self.enable_vae_tiling(None, None)
+
+    def set_sampler(self, name: str, **sampler_options: Any) -> None:
+        """Swap the default sampler, e.g. `set_sampler("ddim", ddim_eta=0.5)` (options are
+        `PipelineOptions` fields: steps, karras_sigmas, ddim_eta, ...)."""
+        self.options = dataclasses.replace(self.options, sampler=name, **sampler_options)
+
+    @contextlib.contextmanager
+    def _running(self, *modules: nn.Module) -> Iterator[None]:
+        """With CPU offload, `modules` on the device for the duration of the block."""
+        if not self.offload:
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # ---- the diffusers-style call --------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Any,
+        options: PipelineOptions | None = None,
+        *,
+        captions: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        generator: Generators | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        callback: StepCallback | None = None,
+        output_type: OutputType = "pt",
+        **overrides: Any,
+    ) -> PipelineResult:
+        """Restore equal-sized images.
+
+        Args:
+            images: a (B, 3, H, W) or (3, H, W) tensor in [0, 1], a PIL image, an HWC numpy
+                array (uint8, uint16 or float in [0, 1]), or a list of these.
+            options: the call's options (default `self.options`); `overrides` (any
+                `PipelineOptions` field, e.g. steps=20, cfg_scale=4) replace single fields.
+            captions: per-image captions, joined with the positive prompt as
+                "caption, pos_prompt" (the original's joining).
+            seeds: one seed per image (default `options.seed` for all); ignored with `generator`.
+            generator: a torch.Generator (shared by the batch) or one per image, on the
+                pipeline's device; it draws x_T and the sampler's noise.
+            latents: x_T (B, 4, H'/8, W'/8) at the padded processing size, instead of drawing it.
+            prompt_embeds, negative_prompt_embeds: text contexts (1 or B, 77, D) instead of
+                encoding the prompts.
+            callback: `callback(step, t, latents)` after every sampler step; returning True
+                stops the run with `model.diffusion.callbacks.SamplingStopped`.
+            output_type: "pt" (tensors), "pil" or "np" (uint8 HWC).
+        """
+        options = dataclasses.replace(options or self.options, **overrides)
+        lq, alphas = to_batch(images)
+        if not self.has_diffusion:
+            out = self.restore_stage1(lq, options)
+            wrapped = to_output(out, output_type, alphas)
+            return PipelineResult(wrapped, wrapped, [None] * len(lq))
+        result = self.restore(
+            lq, options, seeds, captions, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            callback=callback,
+        )  # fmt: skip
+        return PipelineResult(
+            to_output(result.images, output_type, alphas),
+            to_output(result.stage1, output_type, alphas),
+            result.seeds,
+        )
+
+    # ---- tensor-level stages -------------------------------------------------------------------
+
+    def output_size(self, lq: Tensor, options: PipelineOptions) -> tuple[int, int]:
+        """(int(h·upscale), int(w·upscale)) for lq (B, 3, h, w)."""
+        h, w = lq.shape[-2:]
+        return int(h * options.upscale), int(w * options.upscale)
+
+    def run_stage1(self, lq: Tensor, options: PipelineOptions) -> Tensor:
+        """I_reg (B, 3, H', W'): stage 1 at the processing size (short side >= min_short_side)."""
+        with self._running(self.stage1):
+            return self.stage1.at_processing_size(
+                lq, self.output_size(lq, options), options.min_short_side,
+                *options.tiles("stage1"), progress=options.progress, autocast=self._autocast,
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def restore_stage1(self, lq: Tensor, options: PipelineOptions | None = None) -> Tensor:
+        """Stage 1 alone: (B, 3, H_out, W_out) in [0, 1] (no diffusion weights needed)."""
+        options = options or self.options
+        lq = lq.to(self.device, torch.float32)
+        return resize(self.run_stage1(lq, options), self.output_size(lq, options)).clamp(0, 1)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        lq: Tensor,
+        options: PipelineOptions | None = None,
+        seeds: Sequence[int] | None = None,
+        captions: Sequence[str] | None = None,
+        *,
+        generator: Generators | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        callback: StepCallback | None = None,
+    ) -> PipelineResult:
+        """Restore a batch `lq` (B, 3, h, w) in [0, 1] of equal-sized images; tensors out.
+
+        The arguments are those of `__call__`.
+        """
+        if not self.has_diffusion:
+            raise RuntimeError("this pipeline has no diffusion stage; use restore_stage1")
+        options = options or self.options
+        lq = lq.to(self.device, torch.float32)
+        batch = lq.shape[0]
+        if captions is not None and len(captions) != batch:
+            raise ValueError(f"need {batch} captions, got {len(captions)}")
+        generators, used_seeds = self._generators(batch, options, seeds, generator)
+        out_size = self.output_size(lq, options)
+        cond_img = self.run_stage1(lq, options)
+        texts = _Texts(captions, prompt_embeds, negative_prompt_embeds)
+        sample = self._diffuse(cond_img, options, generators, texts, latents, callback)
+        sample = color_fix(sample, cond_img, options.color_fix)
+        return PipelineResult(
+            images=resize(sample, out_size).clamp(0, 1),
+            stage1=resize(cond_img, out_size).clamp(0, 1),
+            seeds=used_seeds,
+        )
+
+    def _generators(
+        self,
+        batch: int,
+        options: PipelineOptions,
+        seeds: Sequence[int] | None,
+        generator: Generators | None,
+    ) -> tuple[list[torch.Generator], list[int | None]]:
+        """One generator per image: the given ones, or CPU generators seeded per image (so
+        results do not depend on the device)."""
+        if generator is not None:
+            gens = (
+                [generator] * batch if isinstance(generator, torch.Generator) else list(generator)
+            )
+            if len(gens) != batch:
+                raise ValueError(f"need 1 or {batch} generators, got {len(gens)}")
+            return gens, [None] * batch
+        seeds = [options.seed] * batch if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != batch:
+            raise ValueError(f"need {batch} seeds, got {len(seeds)}")
+        return [torch.Generator().manual_seed(s) for s in seeds], list(seeds)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        """Text contexts (B, 77, D) of `prompts`, each distinct prompt encoded once per run
+        of the pipeline (kept in a small cache)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            with self._running(self.cldm.text_encoder):
+                encoded = self.cldm.encode_text(missing).to(self.device)
+            if len(self._prompt_cache) + len(missing) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.clear()
+            self._prompt_cache.update(zip(missing, encoded.split(1), strict=True))
+        return torch.cat([self._prompt_cache[p] for p in prompts])
+
+    def _diffuse(
+        self,
+        cond_img: Tensor,
+        options: PipelineOptions,
+        generators: list[torch.Generator],
+        texts: _Texts,
+        latents: Tensor | None,
+        callback: StepCallback | None,
+    ) -> Tensor:
+        """Sample a latent conditioned on I_reg (B, 3, H', W'); returns the decoded image in
+        [0, 1] (not clamped) at I_reg's size."""
+        batch, h0, w0 = cond_img.shape[0], *cond_img.shape[-2:]
+        padded, _ = pad_to_multiple(cond_img, PAD_MULTIPLE)
+        c_img = self._vae_encode(padded, options)  # (B, 4, H/8, W/8)
+        sampler = make_sampler(options.sampler, self.diffusion, **options.sampler_options())
+        if latents is not None:
+            if latents.shape != c_img.shape:
+                raise ValueError(
+                    f"latents must be {tuple(c_img.shape)}, got {tuple(latents.shape)}"
+                )
+            x_T = latents.to(self.device, torch.float32)
+        else:
+            x_T = self._start_latents(sampler, c_img, options, generators)
+        guidance_target = padded if _rgb_guidance(options) else c_img
+        if options.noise_aug > 0:
+            t = torch.full((batch,), options.noise_aug, dtype=torch.long, device=self.device)
+            c_img = self.diffusion.q_sample(c_img, t, _randn(c_img, generators))
+        cond = {"c_txt": texts.positive(self, options, batch), "c_img": c_img}
+        uncond = None
+        if options.cfg_scale != 1:
+            uncond = {"c_txt": texts.negative(self, options, batch), "c_img": c_img}
+        model_fn = self._model_fn(sampler, options, uncond, guidance_target)
+        modules = (self.cldm.unet, self.cldm.controlnet)
+        if options.guidance is not None and options.guidance.space == "rgb":
+            modules += (self.cldm.vae,)
+        with self._control_scales(options), self._running(*modules):
+            z_0 = self._sample(sampler, model_fn, x_T, options, cond, generators, callback)
+        return (self._vae_decode(z_0, options)[..., :h0, :w0] + 1) / 2
+
+    def _start_latents(
+        self, sampler: Sampler, c_img: Tensor, options: PipelineOptions, generators: list
+    ) -> Tensor:
+        """x_T per image from its own generator (contiguous, see `start_latent`)."""
+        rows = [
+            start_latent(sampler, self.diffusion, c_img[i : i + 1], options.steps, options.start, g)
+            for i, g in enumerate(generators)
+        ]
+        return torch.cat(rows)
+
+    def _model_fn(
+        self, sampler: Sampler, options: PipelineOptions, uncond: dict | None, target: Tensor
+    ) -> ModelFn:
+        """ControlLDM under autocast (the frozen UNet alone outside the control steps),
+        wrapped with tiling, then CFG, then latent guidance."""
+        timesteps = sampler.timesteps(options.steps)
+        controlled = {timesteps[k] for k in options.control_steps(len(timesteps))}
+
+        def network(x: Tensor, t: Tensor, cond: dict) -> Tensor:
+            with self._autocast():
+                if int(t[0]) in controlled:
+                    return self.cldm(x, t, cond).float()
+                return self.cldm.unet_forward(x, t, cond["c_txt"]).float()
+
+        model_fn: ModelFn = network
+        tile_size, tile_stride = options.tiles("diffusion")
+        if tile_size is not None:
+            model_fn = tiled_model_fn(
+                model_fn, tile_size // 8, tile_stride // 8, options.diffusion_tile_batch_size
+            )
+        if uncond is not None:
+            model_fn = classifier_free_guidance(
+                model_fn,
+                uncond,
+                options.cfg_scale,
+                options.rescale_cfg,
+                self.diffusion.num_timesteps,
+                batched=options.cfg_batched,
+            )
+        guidance = options.guidance
+        if guidance is not None and guidance.scale > 0:
+            model_fn = latent_image_guidance(
+                model_fn,
+                self.diffusion,
+                target,
+                guidance,
+                timesteps=timesteps,
+                decode=lambda z: (self.cldm.vae_decode(z) + 1) / 2,
+            )
+        return model_fn
+
+    def _sample(
+        self,
+        sampler: Sampler,
+        model_fn: ModelFn,
+        x_T: Tensor,
+        options: PipelineOptions,
+        cond: dict,
+        generators: list[torch.Generator],
+        callback: StepCallback | None,
+    ) -> Tensor:
+        """Run the sampler with per-image random streams."""
+        if isinstance(sampler, SpacedDDPM):
+            # The respaced sampler takes one generator; pass its per-step noise precomputed.
+            noise = [_randn(x_T, generators) for _ in range(options.steps)]
+            return sampler.sample(
+                model_fn, x_T, options.steps, cond, progress=options.progress,
+                callback=callback, noise=noise,
+            )  # fmt: skip
+        # diffusers draws per-image noise from a list of generators (randn_tensor).
+        generator: Any = generators if len(set(map(id, generators))) > 1 else generators[0]
+        return sampler.sample(
+            model_fn, x_T, options.steps, cond, generator, options.progress, callback
+        )
+
+    @contextlib.contextmanager
+    def _control_scales(self, options: PipelineOptions) -> Iterator[None]:
+        previous = list(self.cldm.control_scales)
+        self.cldm.control_scales = options.control_scale_list(len(previous))
+        try:
+            yield
+        finally:
+            self.cldm.control_scales = previous
+
+    def _vae_encode(self, img: Tensor, options: PipelineOptions) -> Tensor:
+        tile_size, tile_stride = options.tiles("vae_encoder")
+        x = img * 2 - 1
+        with self._running(self.cldm.vae):
+            if tile_size is None:
+                return self.cldm.vae_encode(x)
+            return tiled_forward(
+                self.cldm.vae_encode, x, tile_size, tile_stride, scale=1 / 8, multiple=8,
+                progress=options.progress, desc="VAE encoder tiles",
+            )  # fmt: skip
+
+    def _vae_decode(self, z: Tensor, options: PipelineOptions) -> Tensor:
+        tile_size, tile_stride = options.tiles("vae_decoder")
+        with self._running(self.cldm.vae):
+            if tile_size is None:
+                return self.cldm.vae_decode(z)
+            return tiled_forward(
+                self.cldm.vae_decode, z, tile_size // 8, tile_stride // 8, scale=8,
+                progress=options.progress, desc="VAE decoder tiles",
+            )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Texts:
+    """Where a call's text contexts come from: captions + prompts, or given embeddings."""
+
+    captions: Sequence[str] | None
+    prompt_embeds: Tensor | None
+    negative_prompt_embeds: Tensor | None
+
+    def positive(self, pipe: DiffBIRPipeline, options: PipelineOptions, batch: int) -> Tensor:
+        if self.prompt_embeds is not None:
+            return _expand(self.prompt_embeds, batch).to(pipe.device)
+        text = options.pos_prompt
+        if self.captions is None:
+            return pipe.encode_prompt([text] * batch)
+        return pipe.encode_prompt([", ".join(p for p in (c, text) if p) for c in self.captions])
+
+    def negative(self, pipe: DiffBIRPipeline, options: PipelineOptions, batch: int) -> Tensor:
+        if self.negative_prompt_embeds is not None:
+            return _expand(self.negative_prompt_embeds, batch).to(pipe.device)
+        return pipe.encode_prompt([options.neg_prompt] * batch)
+
+
+def _expand(embeds: Tensor, batch: int) -> Tensor:
+    if embeds.shape[0] not in (1, batch):
+        raise ValueError(f"prompt embeddings for 1 or {batch} images, got {embeds.shape[0]}")
+    return embeds.expand(batch, *embeds.shape[1:])
+
+
+def _rgb_guidance(options: PipelineOptions) -> bool:
+    # RGB-space guidance compares with the (padded) stage-1 image, latent-space with c_img.
+    return options.guidance is not None and options.guidance.space == "rgb"
+
+
+def _randn(like: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """Standard normal noise shaped like `like`, row i drawn from generators[i] on its device."""
+    rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device) for g in generators]
+    return torch.cat(rows).to(like)

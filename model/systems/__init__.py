@@ -1,1 +1,0 @@
-"""Lightning systems: thin training wrappers that receive already-built networks."""

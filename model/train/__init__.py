@@ -1,0 +1,1 @@
+"""Training: Lightning systems for both stages, optimisers, export, YAML instantiation."""
