@@ -20,13 +20,11 @@ walking, decoding and saving are `model.io.folder_jobs`, the restoration itself 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import get_args, get_type_hints
 
 from model.diffusion.latent_guidance import LatentGuidance
 from model.diffusion.samplers import SAMPLERS
@@ -37,14 +35,16 @@ from model.io.folder_jobs import (
     collect_inputs,
     make_jobs,
 )
+from model.io.images import QUANTIZE_MODES
 from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
 from model.nets.stage1 import STAGE1_MODELS
 from model.ops.color_fix import COLOR_FIX_MODES
 from model.ops.device import PRECISIONS
+from model.ops.sizing import RESIZES
 from model.pipelines.faces import DETECTION_MODELS
-from model.pipelines.folder_run import FolderRunner
+from model.pipelines.folder_run import FolderRunner, run_record
 from model.pipelines.loading import load_pretrained_task
-from model.pipelines.options import PipelineOptions
+from model.pipelines.options import SIGMA_SCHEDULES, TILED_DEFAULTS, PipelineOptions, tile_fields
 from model.pipelines.presets import (
     CUSTOM,
     DEFAULT_UPSCALE,
@@ -58,9 +58,6 @@ from model.pipelines.restorer import Pipeline
 logger = logging.getLogger("inference")
 
 OUTPUT_FORMATS = ("png", "jpg", "webp")
-# --tiled: the original CLI's tile sizes (stage 1 and diffusion 512/256, VAE 256).
-TILED_DEFAULTS = {"stage1_tile_size": 512, "vae_encoder_tile_size": 256,
-                  "vae_decoder_tile_size": 256, "diffusion_tile_size": 512}  # fmt: skip
 _GUIDANCE = get_type_hints(LatentGuidance)
 
 
@@ -80,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (1-100)")
     io.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="bits per sample of the outputs (16: png only)")
     io.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (consecutive images of the same size); face_background: also faces per face-model call")
+    io.add_argument("--quantize", choices=QUANTIZE_MODES, default="truncate", help="float -> integer samples: truncate (the original's) or round")
     io.add_argument("--overwrite", action="store_true", help="redo outputs that already exist (default: skip them)")
     io.add_argument("--save-stage1", action="store_true", help="also write the stage-1 image under OUTPUT/stage1/")
     io.add_argument("--stage1-only", action="store_true", help="run stage 1 only (no diffusion weights needed)")
@@ -112,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     d = PipelineOptions()
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler, help="sampler (dpm++_3m_sde + Karras = the original's edm_dpm++_3m_sde)")
-    s.add_argument("--no-karras", action="store_true", help="plain sigmas instead of Karras sigmas")
+    s.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler, help="sampler (edm_*: the original v2.1 samplers; spaced: the paper's respaced DDPM; others: diffusers schedulers)")
+    s.add_argument("--sigma-schedule", choices=SIGMA_SCHEDULES, default=d.sigma_schedule, help="original: the original's timestep/sigma rule (edm_* samplers) or trailing timesteps (diffusers samplers); karras / exponential sigmas")
     s.add_argument("--eta", type=float, default=d.ddim_eta, help="DDIM eta (sampler ddim only)")
+    s.add_argument("--ddim-spacing", choices=("original", "trailing"), default=d.ddim_spacing, help="DDIM timesteps: the original's range(0, 1000, 1000 // steps) + 1, or trailing from t = 999")
     s.add_argument("--steps", type=int, default=d.steps, help="sampling steps")
     s.add_argument("--start", choices=("noise", "cond"), default=d.start, help="start from noise or from the diffused condition latent")
     s.add_argument("--noise-aug", type=int, default=d.noise_aug, help="diffuse the condition latent to this timestep (0: off)")
@@ -129,6 +128,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--control-end", type=float, default=d.control_end, help="fraction of the steps after which the frozen UNet runs alone")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of every image (recorded in the sidecar)")
     s.add_argument("--color-fix", choices=COLOR_FIX_MODES, default=d.color_fix, help="colour correction against the stage-1 image")
+    s.add_argument("--resize-backend", choices=tuple(RESIZES), default=d.resize_backend, help="resize of the LQ by the upscale factor: pil (bicubic on 8 bits, the original's) or torch (bicubic + antialias on floats)")
     s.add_argument("--min-short-side", type=int, default=d.min_short_side, help="process images with a shorter short side at this size")
     g = p.add_argument_group("latent image guidance")
     g.add_argument("--guidance", action="store_true", help="pull the sample toward the stage-1 image")
@@ -159,21 +159,15 @@ def _add_tiling_args(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     """PipelineOptions from parsed arguments."""
-    tiles = {}
-    for stage in ("stage1", "vae_encoder", "vae_decoder", "diffusion"):
-        size = getattr(args, f"{stage}_tile_size")
-        if size is None and args.tiled:
-            size = TILED_DEFAULTS[f"{stage}_tile_size"]
-        tiles[f"{stage}_tile_size"] = size
-        tiles[f"{stage}_tile_stride"] = getattr(args, f"{stage}_tile_stride")
+    tiles = tile_fields(args.tiled, **{k: v for k, v in vars(args).items() if "_tile_s" in k})
     guidance = None
     if args.guidance:
         guidance = LatentGuidance(args.g_scale, args.g_start, args.g_stop, args.g_space,
                                   args.g_loss, args.g_repeat)  # fmt: skip
     return PipelineOptions(
         upscale=args.upscale if args.upscale is not None else DEFAULT_UPSCALE[args.task],
-        min_short_side=args.min_short_side, sampler=args.sampler, karras_sigmas=not args.no_karras,
-        ddim_eta=args.eta, steps=args.steps, start=args.start, noise_aug=args.noise_aug,
+        min_short_side=args.min_short_side, resize_backend=args.resize_backend, sampler=args.sampler, sigma_schedule=args.sigma_schedule,
+        ddim_eta=args.eta, ddim_spacing=args.ddim_spacing, steps=args.steps, start=args.start, noise_aug=args.noise_aug,
         cfg_scale=args.cfg_scale, rescale_cfg=args.rescale_cfg, cfg_batched=not args.cfg_separate,
         pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt, control_strength=args.control_strength,
         control_scales=args.control_scales, control_start=args.control_start,
@@ -186,7 +180,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
 def output_settings(args: argparse.Namespace) -> OutputSettings:
     """OutputSettings from parsed arguments."""
     return OutputSettings(args.output, args.output_format, args.quality, args.bit_depth,
-                          args.save_stage1, args.save_faces)  # fmt: skip
+                          args.quantize, args.save_stage1, args.save_faces)  # fmt: skip
 
 
 def build(args: argparse.Namespace) -> Pipeline:
@@ -212,21 +206,6 @@ def build(args: argparse.Namespace) -> Pipeline:
         stage1_only=args.stage1_only, offline=args.offline, face_detector=args.face_detector,
         face_parsing=not args.no_face_parsing, face_batch_size=args.batch_size,
     )  # fmt: skip
-
-
-def run_record(
-    args: argparse.Namespace, options: PipelineOptions, pipeline: Pipeline
-) -> dict[str, Any]:
-    """The run-wide part of every sidecar."""
-    return {
-        "version": args.version, "task": args.task, "stage1_only": args.stage1_only,
-        "seed": options.seed, "device": str(pipeline.device), "precision": pipeline.precision,
-        "weights": {role: str(path) for role, path in pipeline.weight_paths.items()},
-        "model_config": None if args.model_config is None else str(args.model_config),
-        "options": dataclasses.asdict(options),
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = len(jobs) - len(todo)
     runner = None
     if todo:
-        record = run_record(args, options, pipeline)
+        config = None if args.model_config is None else str(args.model_config)
+        record = run_record(pipeline, options, args.version, args.task, vars(args), config,
+                            args.stage1_only)  # fmt: skip
         runner = FolderRunner(pipeline, options, record, output_settings(args),
                               args.batch_size, progress=not args.no_progress)  # fmt: skip
         runner.run(todo)

@@ -106,7 +106,7 @@ class RunRequest:
     task: str = "sr"
     version: str = "v2.1"
     upscale: float = DEFAULT_UPSCALE["sr"]
-    sampler: str = "dpm++_3m_sde"
+    sampler: str = PipelineOptions.sampler
     steps: int = 10
     cfg_scale: float = 6.0
     pos_prompt: str = DEFAULT_POS_PROMPT
@@ -267,7 +267,7 @@ class Restorer:
         before = resize(lq.to(after.device), size)[0]
         alpha = resize_alpha(image.alpha, size)
         png = self._png_path(Path(image_path).stem, request, seed)
-        write_image(png, after.permute(1, 2, 0).cpu().numpy(), alpha)
+        write_image(png, after.permute(1, 2, 0).cpu().numpy(), alpha, quantize="truncate")
         h, w = image.rgb.shape[:2]
         summary = (
             f"{w}×{h} → {size[1]}×{size[0]} in {seconds:.1f} s · {request.version} / "

@@ -1,188 +1,149 @@
-"""Time the DiffBIR pipeline parts and record their peak memory; writes one JSON file.
+"""Time `DiffBIRPipeline` as `inference.py` runs it, part by part; writes one JSON file.
 
-Measured per image size: stage 1 (SwinIR), VAE encode, one sampling step (one call of the
-guided, optionally tiled ControlLDM: LAControlNet + UNet, twice with CFG), VAE decode, and the
-whole image (stage 1 -> encode -> N sampler steps -> decode; the empty-prompt text context is
-computed once per run, as a folder run would). Weights are random and full size by default
-(no download; speed does not depend on the values), `--tiny` uses configs/tiny/ and
-`--weights-dir` the released files.
+The whole image is `pipe(lq, options)` with the PipelineOptions inference.py builds (its
+defaults; flags override them), the LQ random at output size / upscale. Inside that call the
+pipeline's own stages are timed, wrapped on the instance: `run_stage1`, `encode_prompt`
+(cached after the first call; "cold" is timed apart with an empty cache), `_vae_encode`,
+`_vae_decode`, and each sampler step from its first network call (or the previous step
+`callback`) to its callback: network + tiling + CFG + sampler update. Warm-up calls are
+excluded; timed regions are bracketed by torch.cuda.synchronize. Memory: CUDA
+max_memory_allocated per part (reset before each), else the process peak RSS (only grows).
 
-Timing: warmup runs are excluded; each timed run is bracketed by `torch.cuda.synchronize`.
-Peak memory: `torch.cuda.max_memory_allocated` per part on CUDA (reset before each part);
-on the CPU the process peak RSS (`resource.getrusage`), which only grows, so there it bounds
-the whole run up to that part.
+Weights: random full-size by default (built on the meta device, filled cheaply: speed does not
+depend on the values), `--tiny` configs/tiny/, `--weights-dir` a release via from_pretrained.
 
-    python -m scripts.benchmark --sizes 512,1024 --steps 50 --precision fp16 --out bench.json
+    python -m scripts.benchmark --sizes 512,1024,2048 --steps 10 --precision fp16 --out bench.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 
-from model.convert.cldm import original_params
-from model.convert.sd import build_sd_modules, sd21_cldm_cfg
-from model.diffusion.cfg import classifier_free_guidance
-from model.diffusion.samplers import SAMPLERS, make_sampler
-from model.diffusion.schedule import DIFFUSION_PRESETS, Diffusion, ModelFn
-from model.diffusion.tiled import tiled_model_fn
+from model.convert.sd import sd_builders
+from model.diffusion.samplers import SAMPLERS
 from model.io.checkpoint import WeightFileError
-from model.io.cldm_files import load_cldm
-from model.io.weights import MissingWeightsError, resolve_weights
+from model.io.weights import MissingWeightsError
 from model.nets.cldm import ControlLDM
 from model.nets.lacontrolnet import build_lacontrolnet
-from model.nets.stage1 import restore_stage1
-from model.nets.swinir import SwinIR, load_swinir, swinir_diffbir_config
+from model.nets.stage1 import Stage1Model
+from model.nets.swinir import SwinIR, swinir_diffbir_config
+from model.ops.device import PRECISIONS, resolve_device
+from model.pipelines import presets
+from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.options import TILED_DEFAULTS, PipelineOptions, tile_fields
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("benchmark")
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("stage1", "vae_encode", "step", "vae_decode", "total")
-TINY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "tiny"
-# registry names (model/weights.py) of (SD, LAControlNet, SwinIR) per release
-RELEASE_WEIGHTS = {
-    "v1": ("sd21_base", "v1_general", "swinir_general"),
-    "v2": ("sd21_base", "v2", "swinir_general"),
-    "v2.1": ("sd21_zsnr", "v2.1", "swinir_realesrgan"),
-}
-SIZE_MULTIPLE = 64  # SwinIR window 8 x unshuffle 8; the pipeline pads to it
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What to measure (recorded in the JSON).
-
-    Args:
-        sizes: (H, W) output sizes in pixels, multiples of 64.
-        steps: sampler steps of the whole-image run.
-        sampler: a name of `model.diffusion.samplers.SAMPLERS`.
-        version: release whose schedule (and, with `weights_dir`, files) is used.
-        precision: "fp32", "fp16" or "bf16" (weights and activations).
-        device: torch device string.
-        warmup, repeat: untimed and timed runs of every part.
-        cfg_scale: classifier-free guidance scale; > 1 calls the network twice per step.
-        stage1_tile, stage1_stride: stage-1 tiles in pixels (None: whole image).
-        vae_tiling: diffusers' VAE tiling; vae_tile_size its tile in pixels (None: default).
-        latent_tile, latent_stride: tiled diffusion in latent pixels (None: whole latent).
-        tiny: the configs of configs/tiny/ instead of the full-size models.
-        weights_dir: folder of released weight files (None: random weights); with `tiny`, a
-            folder written by `scripts.make_tiny_weights`.
-        seed: seed of the random inputs and weights.
-    """
-
-    sizes: tuple[tuple[int, int], ...] = ((512, 512),)
-    steps: int = 50
-    sampler: str = "spaced"
-    version: str = "v2"
-    precision: str = "fp32"
-    device: str = "cpu"
-    warmup: int = 1
-    repeat: int = 3
-    cfg_scale: float = 1.0
-    stage1_tile: int | None = None
-    stage1_stride: int | None = None
-    vae_tiling: bool = False
-    vae_tile_size: int | None = None
-    latent_tile: int | None = None
-    latent_stride: int | None = None
-    tiny: bool = False
-    weights_dir: Path | None = None
-    seed: int = 0
+PARTS = ("stage1", "text_encode_cold", "text_encode_cached", "vae_encode", "step", "vae_decode")
+WHOLE = "whole_image"
+TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+# Random values tiled into every parameter (copying is ~15x faster than drawing on a CPU);
+# a prime length, so that rows of a weight matrix do not repeat.
+POOL_SIZE = 1_000_003
 
 
-@dataclass
-class Models:
-    """The networks under test and where their weights came from."""
-
-    swinir: SwinIR
-    cldm: ControlLDM
-    diffusion: Diffusion
-    weights: str
+def tiny_model_config() -> dict[str, Any]:
+    """The model config ({"cldm", "swinir"}) of configs/tiny/, as make_tiny_weights records it."""
+    return {
+        name: OmegaConf.to_container(OmegaConf.load(TINY_CONFIGS / f"{name}.yaml"), resolve=True)
+        for name in ("cldm", "swinir")
+    }
 
 
-# --------------------------------------------------------------------------- models
+def _fill_(module: nn.Module, pool: Tensor) -> None:
+    """Every parameter from tiled `pool` (N(0, 1)) values: / sqrt(fan_in) with >= 2 dims,
+    1 + 0.1·N for 1-D weights (norm scales), 0.1·N otherwise."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), len(pool)):
+                chunk = flat[start : start + len(pool)]
+                chunk.copy_(pool[: chunk.numel()])
+            if param.ndim >= 2:
+                flat.mul_((param.numel() / param.shape[0]) ** -0.5)
+            else:
+                flat.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
 
 
-def tiny_configs() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(ControlLDM config, SwinIR config) of the tiny CPU test models (configs/tiny/)."""
-    found = []
-    for name in ("cldm.yaml", "swinir.yaml"):
-        path = TINY_CONFIG_DIR / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: tiny config not found")
-        found.append(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-    return original_params(found[0]), found[1]
-
-
-def _random_models(cldm_cfg: dict[str, Any], swinir_cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """A randomly initialised ControlLDM and SwinIR, built on the current default device."""
-    modules = build_sd_modules(cldm_cfg)
-    controlnet = build_lacontrolnet(**cldm_cfg["controlnet_cfg"])
-    cldm = ControlLDM(
-        controlnet=controlnet, latent_scale_factor=cldm_cfg["latent_scale_factor"], **modules
-    )
-    return cldm, SwinIR(**swinir_cfg)
-
-
-def build_models(cfg: BenchConfig) -> Models:
-    """The networks of `cfg` on its device and in its precision, in eval mode."""
-    device, dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
-    cldm_cfg, swinir_cfg = (
-        tiny_configs() if cfg.tiny else (sd21_cldm_cfg(), swinir_diffbir_config())
-    )
-    size = "tiny" if cfg.tiny else "full-size"
-    if cfg.weights_dir is not None:
-        names = RELEASE_WEIGHTS[cfg.version]
-        paths = resolve_weights(names, [cfg.weights_dir], download=False)
-        cldm = load_cldm(cldm_cfg, paths[names[0]], paths[names[1]])
-        swinir = load_swinir(paths[names[2]], swinir_cfg)
-        weights = f"{size} files: " + ", ".join(str(paths[n]) for n in names)
-    else:
-        torch.manual_seed(cfg.seed)
-        # random init on the target device: much faster on a GPU than on the CPU
+def _random_module(build: Callable[[], nn.Module], device: torch.device, pool: Tensor) -> nn.Module:
+    """`build()` on `device` with random weights: built on the meta device and filled from
+    `pool`, or built normally when it has buffers (masks and indices keep constructed values)."""
+    with torch.device("meta"):
+        module = build()
+    if next(module.buffers(), None) is not None:
         with torch.device(device):
-            cldm, swinir = _random_models(cldm_cfg, swinir_cfg)
-        weights = f"random {size}"
-    cldm, swinir = cldm.to(device, dtype).eval(), swinir.to(device, dtype).eval()
-    if cfg.vae_tiling:
-        cldm.vae.enable_tiling()
-        if cfg.vae_tile_size is not None:
-            factor = 2 ** (len(cldm.vae.config.block_out_channels) - 1)
-            cldm.vae.tile_sample_min_size = cfg.vae_tile_size
-            cldm.vae.tile_latent_min_size = cfg.vae_tile_size // factor
-    diffusion = DIFFUSION_PRESETS[cfg.version]()
-    return Models(swinir=swinir, cldm=cldm, diffusion=diffusion, weights=weights)
+            return build()
+    module = module.to_empty(device=device)
+    _fill_(module, pool)
+    return module
 
 
-def parameter_counts(models: Models) -> dict[str, int]:
-    """Parameters of every network."""
-    modules = {"swinir": models.swinir, "controlnet": models.cldm.controlnet}
-    modules.update(unet=models.cldm.unet, vae=models.cldm.vae)
-    modules["text_encoder"] = models.cldm.text_encoder
+def random_pipeline(
+    spec: presets.ModelSpec, device: torch.device, precision: str, seed: int = 0
+) -> DiffBIRPipeline:
+    """The pipeline of `spec` with random weights (stage 1: DiffBIR's SwinIR)."""
+    if spec.stage1_model != "swinir":
+        log.warning("random weights: stage 1 is DiffBIR's SwinIR, not %s", spec.stage1_model)
+    torch.manual_seed(seed)
+    pool = torch.randn(POOL_SIZE, device=device)
+    builders = dict(sd_builders(spec.cldm))
+    builders["controlnet"] = partial(build_lacontrolnet, **spec.cldm["controlnet_cfg"])
+    builders["swinir"] = partial(SwinIR, **(spec.stage1_config or swinir_diffbir_config()))
+    parts = {}
+    for name, build in builders.items():
+        start = time.perf_counter()
+        parts[name] = _random_module(build, device, pool)
+        count = sum(p.numel() for p in parts[name].parameters())
+        log.info("built %s: %.1fM random parameters in %.1f s", name, count / 1e6,
+                 time.perf_counter() - start)  # fmt: skip
+    swinir = parts.pop("swinir")
+    # as model.nets.stage1.load_swinir_stage1 wraps a loaded SwinIR
+    stage1 = Stage1Model("swinir", swinir, swinir.output_scale, swinir.size_multiple,
+                         "constant", runs_before_upscale=False, runs_after_raise=True)  # fmt: skip
+    cldm = ControlLDM(latent_scale_factor=spec.cldm["latent_scale_factor"], **parts)
+    return DiffBIRPipeline(stage1, cldm, presets.build_diffusion(spec.diffusion), device, precision)
+
+
+def build_pipeline(args: argparse.Namespace, device: torch.device) -> DiffBIRPipeline:
+    """Random weights, or the release's files from `--weights-dir` (offline)."""
+    config = tiny_model_config() if args.tiny else None
+    size = "tiny" if args.tiny else "full-size"
+    if args.weights_dir is not None:
+        log.info("loading %s %s/%s from %s", size, args.version, args.task, args.weights_dir)
+        return DiffBIRPipeline.from_pretrained(
+            args.version, args.task, weights_dir=args.weights_dir, device=device,
+            dtype=args.precision, model_config=config, offline=True,
+        )  # fmt: skip
+    log.info("building %s random %s/%s models on %s", size, args.version, args.task, device)
+    spec = presets.model_spec(args.version, args.task, config)
+    return random_pipeline(spec, device, args.precision, args.seed)
+
+
+def parameter_counts(pipe: DiffBIRPipeline) -> dict[str, int]:
+    """Parameters of every network of the pipeline."""
+    cldm = pipe.cldm
+    modules = {"stage1": pipe.stage1, "controlnet": cldm.controlnet, "unet": cldm.unet,
+               "vae": cldm.vae, "text_encoder": cldm.text_encoder}  # fmt: skip
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory(device: torch.device) -> int:
@@ -193,255 +154,307 @@ def peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB else
 
 
-def measure(
-    fn: Callable[[], Any], warmup: int, repeat: int, device: torch.device
-) -> tuple[list[float], int]:
-    """Run `fn` `warmup` times untimed, then `repeat` timed runs; (seconds, peak bytes)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)  # nothing queued may leak into the timed region
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times, peak_memory(device)
+class Probe:
+    """Times the parts of whole-image calls inside the calls themselves.
 
-
-def summarize_times(times: list[float]) -> dict[str, Any]:
-    """mean / std (sample; 0 for one run) / min / max / n of a list of seconds."""
-    std = statistics.stdev(times) if len(times) > 1 else 0.0
-    return {
-        "mean": statistics.fmean(times),
-        "std": std,
-        "min": min(times),
-        "max": max(times),
-        "n": len(times),
-        "values": times,
-    }
-
-
-def guided_model_fn(cldm: ControlLDM, cfg: BenchConfig, cond: dict) -> ModelFn:
-    """The network as the sampler calls it: tiled, guided, fed in the model precision.
-
-    The sampler keeps its latents in float32; they are cast for the network and back.
+    The pipeline's stage methods (`STAGES`) are wrapped on the instance; a sampler step runs
+    from the first network call (a forward pre-hook on the LAControlNet and the UNet) to the
+    step callback, then from callback to callback. `measure(lq, options)` runs
+    `pipe(lq, options)` once and returns its seconds per part ("step": one value per sampler
+    step); `peaks` keeps the largest peak bytes per part.
     """
-    network: ModelFn = cldm
-    if cfg.latent_tile is not None:
-        stride = cfg.latent_stride or cfg.latent_tile // 2
-        network = tiled_model_fn(network, cfg.latent_tile, stride)
-    if cfg.cfg_scale != 1:
-        uncond = {"c_txt": cond["c_txt"], "c_img": cond["c_img"]}  # negative prompt ""
-        network = classifier_free_guidance(network, uncond, cfg.cfg_scale)
-    dtype = PRECISIONS[cfg.precision]
 
-    def fn(z_t: torch.Tensor, t: torch.Tensor, c: Any) -> torch.Tensor:
-        return network(z_t.to(dtype), t, c).float()
+    STAGES = {"run_stage1": "stage1", "encode_prompt": "text_encode_cached",
+              "_vae_encode": "vae_encode", "_vae_decode": "vae_decode"}  # fmt: skip
 
-    return fn
+    def __init__(self, pipe: DiffBIRPipeline) -> None:
+        self.pipe, self.device = pipe, pipe.device
+        self.peaks: dict[str, int] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.text_calls: list[list[str]] = []
+        self._run: dict[str, Any] = {}
+        self._run_peak = 0
+        self._step_start: float | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> float:
+        """Synchronise, open a new peak-memory window (CUDA) and return the time."""
+        self._sync()
+        if self.device.type == "cuda":
+            self._run_peak = max(self._run_peak, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return time.perf_counter()
+
+    def stop(self, part: str, start: float) -> float:
+        """Synchronise and record the peak of `part`; returns the seconds since `start`."""
+        self._sync()
+        seconds = time.perf_counter() - start
+        self._run_peak = max(self._run_peak, peak_memory(self.device))
+        peak = self._run_peak if part == WHOLE else peak_memory(self.device)
+        self.peaks[part] = max(self.peaks.get(part, 0), peak)
+        return seconds
+
+    def _timed(self, part: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def timed(*args: Any, **kwargs: Any) -> Tensor:
+            if part == "text_encode_cached":  # replayed by `text_cold`
+                self.text_calls.append(list(args[0]))
+            start = self.start()
+            out = fn(*args, **kwargs)
+            seconds = self.stop(part, start)
+            self._run[part] = self._run.get(part, 0.0) + seconds
+            log.info("  %s: %.3f s", part, seconds)
+            self.shapes[part] = list(out.shape)
+            return out
+
+        return timed
+
+    def _network_called(self, module: nn.Module, args: Any) -> None:
+        if self._step_start is None:
+            self._step_start = self.start()
+
+    def step_done(self, step: int, t: int, latents: Tensor) -> None:
+        """The step callback: closes the running step and opens the next."""
+        self._run["step"].append(self.stop("step", self._step_start))
+        log.info("  step %d: %.3f s", step, self._run["step"][-1])
+        self._step_start = self.start()
+
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[None]:
+        pipe = self.pipe
+        wrappers = {
+            name: self._timed(part, getattr(pipe, name)) for name, part in self.STAGES.items()
+        }
+        vars(pipe).update(wrappers)  # instance attributes shadow the methods
+        networks = (pipe.cldm.controlnet, pipe.cldm.unet)
+        hooks = [m.register_forward_pre_hook(self._network_called) for m in networks]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for name in wrappers:
+                delattr(pipe, name)
+
+    def measure(self, lq: Tensor, options: PipelineOptions) -> dict[str, Any]:
+        """One whole-image call; seconds per part and of the whole (WHOLE)."""
+        self._run, self._step_start, self.text_calls = {"step": []}, None, []
+        with self._attached():
+            start = self.start()
+            self._run_peak = 0
+            result = self.pipe(lq, options, callback=self.step_done)
+            self._run[WHOLE] = self.stop(WHOLE, start)
+        self.shapes["output"] = list(result.images.shape)
+        return self._run
+
+    def text_cold(self) -> float:
+        """Seconds of the last call's text encoding with an empty prompt cache."""
+        self.pipe.clear_prompt_cache()
+        start = self.start()
+        for prompts in self.text_calls:
+            self.pipe.encode_prompt(prompts)
+        return self.stop("text_encode_cold", start)
 
 
-def bench_size(models: Models, cfg: BenchConfig, size: tuple[int, int]) -> dict[str, Any]:
-    """Timings and peak memory of every part at one image size."""
-    device, dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
-    cldm, sampler = models.cldm, make_sampler(cfg.sampler, models.diffusion)
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    lq = torch.rand((1, 3, *size), generator=g, device=device).to(dtype)
-    c_txt = cldm.encode_text([""]).to(dtype)
+def summarize(values: list[float]) -> dict[str, Any]:
+    """median / min / max / n of a list of seconds, and the values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values), "values": values}  # fmt: skip
 
-    def stage1() -> torch.Tensor:
-        return restore_stage1(models.swinir, lq, cfg.stage1_tile, cfg.stage1_stride).clamp(0, 1)
 
-    def encode(img: torch.Tensor) -> torch.Tensor:
-        return cldm.vae_encode(img * 2 - 1)
-
-    def whole_image() -> torch.Tensor:
-        c_img = encode(stage1())
-        x_T = torch.randn(c_img.shape, generator=g, device=device)
-        cond = {"c_txt": c_txt, "c_img": c_img}
-        model_fn = guided_model_fn(cldm, cfg, cond)
-        z_0 = sampler.sample(model_fn, x_T, cfg.steps, cond, generator=g, progress=False)
-        return (cldm.vae_decode(z_0.to(dtype)) + 1) / 2
-
-    img = stage1()
-    c_img = encode(img)
-    cond = {"c_txt": c_txt, "c_img": c_img}
-    z_t = torch.randn(c_img.shape, generator=g, device=device)
-    t = torch.full((1,), sampler.timesteps(cfg.steps)[0], dtype=torch.long, device=device)
-    step_fn = guided_model_fn(cldm, cfg, cond)
-    parts = {
-        "stage1": stage1,
-        "vae_encode": lambda: encode(img),
-        "step": lambda: step_fn(z_t, t, cond),
-        "vae_decode": lambda: cldm.vae_decode(c_img),
-        "total": whole_image,
-    }
-    timings, memory = {}, {}
-    for name in PARTS:
-        times, memory[name] = measure(parts[name], cfg.warmup, cfg.repeat, device)
-        timings[name] = summarize_times(times)
-        log.info("%dx%d %s: %.4f s", *size, name, timings[name]["mean"])
+def bench_size(
+    pipe: DiffBIRPipeline, options: PipelineOptions, size: tuple[int, int], warmup: int,
+    repeat: int, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Every part and the whole image at output size `size` (LQ of size / upscale)."""
+    lq_size = [max(1, round(s / options.upscale)) for s in size]
+    lq = torch.rand((1, 3, *lq_size), generator=torch.Generator().manual_seed(seed))
+    probe, name = Probe(pipe), "x".join(map(str, size))
+    for i in range(warmup):
+        log.info("%s: warm-up call %d/%d", name, i + 1, warmup)
+        probe.measure(lq, options)
+    probe.peaks.clear()
+    runs = []
+    for i in range(repeat):
+        runs.append(probe.measure(lq, options))
+        log.info("%s: call %d/%d, %.3f s", name, i + 1, repeat, runs[-1][WHOLE])
+    seconds = {part: [r[part] for r in runs] for part in Probe.STAGES.values()}
+    seconds["step"] = [s for r in runs for s in r["step"]]
+    seconds["text_encode_cold"] = [probe.text_cold() for _ in range(repeat)]
     return {
         "size": list(size),
-        "latent_size": list(c_img.shape[-2:]),
-        "network_calls_per_step": 2 if cfg.cfg_scale != 1 else 1,
-        "timings": timings,
-        "peak_memory_bytes": memory,
+        "lq_size": lq_size,
+        "output_size": probe.shapes["output"][-2:],
+        "processing_size": probe.shapes["stage1"][-2:],
+        "latent_size": probe.shapes["vae_encode"][-2:],
+        "steps_per_call": len(runs[0]["step"]),
+        WHOLE: {
+            "seconds": summarize([r[WHOLE] for r in runs]),
+            "peak_memory_bytes": probe.peaks[WHOLE],
+        },
+        "parts": {
+            part: {"seconds": summarize(seconds[part]), "peak_memory_bytes": probe.peaks[part]}
+            for part in PARTS
+        },
+        "runs": runs,
     }
 
 
-# --------------------------------------------------------------------------- run
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Software versions and the device the numbers were taken on."""
-    env: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "diffusers": metadata.version("diffusers"),
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, device_memory_bytes=int(props.total_memory))
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env
-
-
-def _oom_message(size: tuple[int, int]) -> str:
-    return (
-        f"{size[0]}x{size[1]}: out of memory; try --stage1-tile 512, --vae-tiling, "
-        "--latent-tile 64, --precision fp16"
-    )
-
-
-def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Build the models and measure every size; a size that runs out of memory is reported."""
-    device = torch.device(cfg.device)
-    start = time.perf_counter()
-    models = build_models(cfg)
-    build_seconds = time.perf_counter() - start
-    results = []
-    with torch.inference_mode():
-        for size in cfg.sizes:
-            try:
-                results.append(bench_size(models, cfg, size))
-                continue
-            except torch.OutOfMemoryError:
-                log.error("%s", _oom_message(size))
-            # after the except block, so that the traceback's tensors are freed first
-            results.append({"size": list(size), "error": _oom_message(size)})
-            torch.cuda.empty_cache()
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
-    return {
-        "config": config,
-        "environment": environment(device),
-        "models": {
-            "weights": models.weights,
-            "parameters": parameter_counts(models),
-            "build_seconds": build_seconds,
-        },
-        "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss",
-        "results": results,
-    }
+    versions = dict(python=platform.python_version(), torch=torch.__version__,
+                    diffusers=_version("diffusers"), project=_version("diffbir-reimpl"),
+                    cuda=torch.version.cuda)  # fmt: skip
+    about = dict(type=device.type, name=_device_name(device), cpu_count=os.cpu_count(),
+                 torch_threads=torch.get_num_threads())  # fmt: skip
+    return {"versions": versions, "device": about}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Mean seconds per part and size, as a markdown table."""
-    lines = [f"| size | {' | '.join(PARTS)} | peak memory (GiB) |", "|---" * (len(PARTS) + 2) + "|"]
+    """Median seconds per part and size, and the peak memory, as a markdown table."""
+    head = ["size", *PARTS, WHOLE, "peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in report["results"]:
         size = "x".join(map(str, r["size"]))
         if "error" in r:
             lines.append(f"| {size} | {r['error']} |")
             continue
-        cells = [f"{r['timings'][p]['mean']:.4f}" for p in PARTS]
-        peak = max(r["peak_memory_bytes"].values()) / 2**30
-        lines.append(f"| {size} | {' | '.join(cells)} | {peak:.2f} |")
+        cells = [f"{r['parts'][p]['seconds']['median']:.3f}" for p in PARTS]
+        whole = r[WHOLE]
+        cells += [f"{whole['seconds']['median']:.3f}", f"{whole['peak_memory_bytes'] / 2**30:.2f}"]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- CLI
-
-
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
-    sizes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        try:
-            h, w = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-        except ValueError:
-            h = w = 0
-        if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-            raise argparse.ArgumentTypeError(
-                f"bad size {item!r}: use N or HxW, multiples of {SIZE_MULTIPLE}"
-            )
-        sizes.append((h, w))
-    return tuple(sizes)
+    sizes = [item.strip().lower().split("x") for item in text.split(",")]
+    if not all(len(s) in (1, 2) and all(v.isdigit() and int(v) > 0 for v in s) for s in sizes):
+        raise argparse.ArgumentTypeError(f"bad sizes {text!r}: use N or HxW (output pixels)")
+    return tuple((int(s[0]), int(s[-1])) for s in sizes)
 
 
+# fmt: off
 def build_parser() -> argparse.ArgumentParser:
-    doc = __doc__.split("\n\n")[0]
-    p = argparse.ArgumentParser(description=doc, prog="python -m scripts.benchmark")
-    p.add_argument("--sizes", type=_sizes, default="512", help="e.g. 512,1024 or 512x768")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps of the whole image")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="spaced", help="sampler name")
-    p.add_argument("--version", choices=sorted(RELEASE_WEIGHTS), default="v2", help="release")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="dtype")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of every part")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs of every part")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale (>1: 2 calls/step)")
-    p.add_argument("--stage1-tile", type=int, help="stage-1 tile in pixels (multiple of 64)")
-    p.add_argument("--stage1-stride", type=int, help="stage-1 tile stride (default tile/2)")
-    p.add_argument("--vae-tiling", action="store_true", help="diffusers VAE tiling")
-    p.add_argument("--vae-tile-size", type=int, help="VAE tile in pixels (with --vae-tiling)")
-    p.add_argument("--latent-tile", type=int, help="tiled diffusion: tile in latent pixels")
-    p.add_argument("--latent-stride", type=int, help="tiled diffusion stride (default tile/2)")
+    """The argument parser; sampling and tiling flags are inference.py's."""
+    d = PipelineOptions()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m scripts.benchmark")
+    p.add_argument("--sizes", type=_sizes, default="512", help="output sizes, e.g. 512,1024,2048 or 512x768")
+    p.add_argument("--warmup", type=int, default=1, help="untimed whole-image calls per size")
+    p.add_argument("--repeat", type=int, default=3, help="timed whole-image calls per size")
+    p.add_argument("--version", choices=tuple(presets.VERSIONS), default="v2.1", help="release (schedule; files with --weights-dir)")
+    p.add_argument("--task", choices=presets.TASKS, default="sr", help="task (default upscale, weights)")
     p.add_argument("--tiny", action="store_true", help="configs/tiny/ models (CPU smoke runs)")
-    weights_help = "released weight files (default: random); with --tiny: make_tiny_weights's"
-    p.add_argument("--weights-dir", type=Path, help=weights_help)
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs")
+    p.add_argument("--weights-dir", type=Path, help="released weight files, loaded offline (default: random weights)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16", help="network precision (fp16 on a CPU runs fp32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and LQ images")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    s = p.add_argument_group("options (PipelineOptions defaults, as inference.py)")
+    s.add_argument("--upscale", type=float, help=f"output / LQ size (default by task: {presets.DEFAULT_UPSCALE})")
+    s.add_argument("--min-short-side", type=int, default=d.min_short_side, help="processing size of smaller images")
+    s.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler, help="sampler")
+    s.add_argument("--steps", type=int, default=d.steps, help="sampling steps")
+    s.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--cfg-separate", action="store_true", help="the two guidance branches as two calls")
+    s.add_argument("--tiled", action="store_true", help=f"tile every stage with inference.py's sizes {TILED_DEFAULTS}")
+    for stage in ("stage1", "vae-encoder", "vae-decoder", "diffusion"):
+        s.add_argument(f"--{stage}-tile-size", type=int, help=f"{stage} tile size (pixels)")
+        s.add_argument(f"--{stage}-tile-stride", type=int, help=f"{stage} tile stride (default half a tile)")
+    s.add_argument("--diffusion-tile-batch", type=int, default=d.diffusion_tile_batch_size, help="diffusion tiles per network call")
     return p
+# fmt: on
+
+
+def options_from_args(args: argparse.Namespace) -> PipelineOptions:
+    """The PipelineOptions inference.py would build from the same flags."""
+    tiles = tile_fields(args.tiled, **{k: v for k, v in vars(args).items() if "_tile_s" in k})
+    upscale = args.upscale if args.upscale is not None else presets.DEFAULT_UPSCALE[args.task]
+    return PipelineOptions(
+        upscale=upscale, min_short_side=args.min_short_side, sampler=args.sampler,
+        steps=args.steps, cfg_scale=args.cfg_scale, cfg_batched=not args.cfg_separate,
+        diffusion_tile_batch_size=args.diffusion_tile_batch, **tiles,
+    )  # fmt: skip
+
+
+def run_benchmark(
+    pipe: DiffBIRPipeline, options: PipelineOptions, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Every size of `args`; a size that runs out of memory is reported and skipped."""
+    results = []
+    for size in args.sizes:
+        log.info("measuring %dx%d (%d warm-up, %d timed calls)", *size, args.warmup, args.repeat)
+        try:
+            results.append(bench_size(pipe, options, size, args.warmup, args.repeat, args.seed))
+        except torch.OutOfMemoryError:
+            results.append({"size": list(size), "error": "out of memory; try --tiled"})
+            log.error("%dx%d: out of memory; try --tiled or --precision fp16", *size)
+        torch.cuda.empty_cache()  # a no-op without CUDA
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns 0, or 1 when weights are missing or a size ran out of memory."""
+    """Run the benchmark; 0, or 1 when weights are missing or a size ran out of memory."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.steps < 1 or args.repeat < 1 or args.warmup < 0:
-        parser.error("--steps and --repeat must be >= 1, --warmup >= 0")
+    if args.repeat < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeat and --threads must be >= 1, --warmup >= 0")
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         parser.error(f"--weights-dir {args.weights_dir}: not a folder")
-    if args.vae_tile_size is not None and not args.vae_tiling:
-        parser.error("--vae-tile-size needs --vae-tiling")
-    if args.stage1_tile is not None and (args.stage1_tile < 1 or args.stage1_tile % SIZE_MULTIPLE):
-        parser.error(f"--stage1-tile must be a positive multiple of {SIZE_MULTIPLE}")
-    if any(v is not None and v < 1 for v in (args.latent_tile, args.latent_stride)):
-        parser.error("--latent-tile and --latent-stride must be >= 1")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = {k: v for k, v in vars(args).items() if k != "out"}
-    cfg = BenchConfig(**{**options, "device": device})
     try:
-        report = run_benchmark(cfg)
-    except (MissingWeightsError, WeightFileError) as e:  # names the files and where to get them
-        log.error("%s", e)
+        options = options_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    try:
+        pipe = build_pipeline(args, device)
+    except (MissingWeightsError, WeightFileError) as exc:  # names the files and where to get them
+        log.error("%s", exc)
         return 1
+    build_seconds = time.perf_counter() - start
+    results = run_benchmark(pipe, options, args)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    weights = {role: str(path) for role, path in pipe.weight_paths.items()}
+    settings.update(
+        weights=weights or ("random tiny" if args.tiny else "random full-size"),
+        device=str(pipe.device), precision=pipe.precision, options=dataclasses.asdict(options),
+        requested={"device": args.device, "precision": args.precision},
+    )  # fmt: skip
+    report = {
+        **environment(pipe.device),
+        "settings": settings,
+        "parameters": parameter_counts(pipe),
+        "build_seconds": build_seconds,
+        "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss",
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(format_table(report))
-    return 1 if any("error" in r for r in report["results"]) else 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

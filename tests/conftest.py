@@ -1,8 +1,9 @@
-"""Shared test helpers: fixture loading and deterministic seeding."""
+"""Shared test helpers: fixture loading, deterministic seeding and the shared tiny models."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# One intra-op thread: the tiny networks are dominated by per-op overhead, and on shared CPUs
+# several threads per process spin-wait on each other (a tiny UNet call measured 0.05 s with one
+# thread, 0.6-8 s with two under load). DIFFBIR_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("DIFFBIR_TEST_THREADS", "1")))
 
 
 def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,3 +71,19 @@ def demo_images(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     assert main(["--out", str(out), "--count", "24", "--val-count", "4", "--size", "96"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_weights: Path):
+    """The v2.1 "sr" DiffBIRPipeline on the tiny weights, CPU, fp32, shared by every test.
+
+    Tests that change its state (options, precision, offload) wrap its modules in a new
+    pipeline: `DiffBIRPipeline(tiny_pipe.stage1, tiny_pipe.cldm, tiny_pipe.diffusion, "cpu")`.
+    """
+    from model.io.weights import REGISTRY
+    from model.pipelines.loading import load_pipeline
+    from model.pipelines.presets import model_spec, read_model_config
+
+    spec = model_spec("v2.1", "sr", read_model_config(tiny_weights / "tiny_config.yaml"))
+    paths = {role: tiny_weights / REGISTRY[name].filename for role, name in spec.weights.items()}
+    return load_pipeline(spec, paths, device="cpu", precision="fp32")

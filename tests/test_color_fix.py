@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sampling_reference import assert_matches, case, case_tensor
 
 from model.ops.color_fix import (
     adaptive_instance_normalization,
@@ -14,6 +15,17 @@ from model.ops.color_fix import (
     wavelet_decomposition,
     wavelet_reconstruction,
 )
+
+
+def test_wavelet_and_adain_match_the_original() -> None:
+    """The original's wavelet_reconstruction (5 levels, dilations 1..16) and v1's AdaIN on a
+    37×53 pair (tests/fixtures/sampling, case colorfix/2x3x37x53); atol/rtol 1e-4."""
+    fixture = case("colorfix/2x3x37x53")
+    content, style = case_tensor(fixture, "content"), case_tensor(fixture, "style")
+    assert_matches(wavelet_reconstruction(content, style), fixture, "wavelet")
+    assert_matches(color_fix(content, style, "wavelet"), fixture, "wavelet")
+    assert_matches(adaptive_instance_normalization(content, style), fixture, "adain")
+    assert_matches(color_fix(content, style, "adain"), fixture, "adain")
 
 
 def _image(seed: int, shape: tuple[int, ...] = (2, 3, 40, 56)) -> torch.Tensor:

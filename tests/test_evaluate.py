@@ -1,4 +1,5 @@
-"""The evaluation CLI on tiny generated folders; no network, no real metric weights."""
+"""Scoring (`model.eval.scoring`) and its CLI on tiny generated folders; no network, no real
+metric weights."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim
 
 from model.eval import iqa
-from scripts import evaluate
-from scripts.evaluate import main
+from model.eval.scoring import EvalConfig, evaluate_folder, metric_device, pair_images
+from scripts.evaluate import build_parser, main
 
 NIQE_PARAMS = Path(calculate_niqe.__code__.co_filename).with_name("niqe_pris_params.npz")
 
@@ -222,8 +223,32 @@ def test_weights_location_is_restored(tmp_path: Path) -> None:
 
 
 def test_every_flag_has_help_and_bad_metric_is_rejected(tmp_path: Path) -> None:
-    parser = evaluate.build_parser()
+    parser = build_parser()
     assert all(action.help for action in parser._actions)
-    with pytest.raises(SystemExit) as exc:
-        main(["--results", str(tmp_path), "--metrics", "psnr,bogus"])
-    assert exc.value.code == 2
+    for bad in (["--metrics", "psnr,bogus"], ["--batch-size", "0"], ["--crop-border", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--results", str(tmp_path), *bad])
+        assert exc.value.code == 2
+
+
+def test_library_pairs_scores_and_checks_settings(folders: tuple[Path, Path]) -> None:
+    """The library without the CLI: pairing, one call that scores and summarizes, checks."""
+    res, gt = folders
+    items, missing = pair_images(res, gt)
+    pairs = {it.name: it.gt_path for it in items}
+    assert pairs["e.png"] == gt / "other" / "e.png" and pairs["sub/b.png"] == gt / "sub" / "b.png"
+    assert missing == ["d.png"] and pairs["d.png"] is None
+
+    cfg = EvalConfig(results=res, gt=gt, metrics=("psnr",), crop_border=0)
+    report, summary, table = evaluate_folder(cfg)
+    a = next(it for it in report.items if it.name == "a.png")
+    r, g = cv2.imread(str(res / "a.png")), cv2.imread(str(gt / "a.png"))
+    assert a.scores["psnr"] == pytest.approx(calculate_psnr(r, g, 0, test_y_channel=True), abs=1e-6)
+    assert summary["counts"] == {"psnr": 3} and f"{summary['means']['psnr']:.4f}" in table
+
+    bad_settings = [{"metrics": ()}, {"metrics": ("psnr", "bogus")}, {"batch_size": 0}]
+    for bad in [*bad_settings, {"crop_border": -1}]:
+        with pytest.raises(ValueError):
+            EvalConfig(**{"results": res, "gt": gt, "metrics": ("psnr",), **bad})
+    assert metric_device("cuda:1") == "cuda:1"
+    assert metric_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

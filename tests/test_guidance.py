@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sampling_reference import (
+    assert_matches,
+    case,
+    case_ids,
+    case_tensor,
+    conditions,
+    diffusion_for,
+    meta,
+    noise_queue,
+    standin,
+)
 from torch import nn
 
 from model.diffusion.cfg import classifier_free_guidance, rescaled_cfg_scale
@@ -54,7 +65,7 @@ def decoder() -> TinyDecoder:
     return TinyDecoder().requires_grad_(False)
 
 
-@pytest.mark.parametrize("name", ["spaced", "dpm++_3m_sde", "euler_a"])
+@pytest.mark.parametrize("name", ["spaced", "edm_dpm++_3m_sde", "dpm++_3m_sde", "euler_a"])
 def test_cfg_scale_one_equals_conditional_sampling(name: str) -> None:
     calls = []
 
@@ -276,3 +287,61 @@ def test_bad_guidance_options() -> None:
     for bad in ({"scale": -1.0}, {"space": "pixel"}, {"loss": "l1"}, {"repeat": 0}):
         with pytest.raises(ValueError, match="guidance"):
             LatentGuidance(**bad)
+
+
+# ---- the original's latent image guidance (tests/fixtures/sampling, guidance/*) --------------
+
+
+def fixture_decode(z: torch.Tensor) -> torch.Tensor:
+    """The fixtures' stand-in VAE decoder D(z) = U8(A·z + d), in [-1, 1]."""
+    de = meta()["decoder_encoder"]
+    a, d = torch.tensor(de["A"]).to(z), torch.tensor(de["d"]).to(z)
+    y = torch.einsum("ok,bkhw->bohw", a, z) + d.view(1, -1, 1, 1)
+    return y.repeat_interleave(8, -2).repeat_interleave(8, -1)
+
+
+def fixture_guided_model(c: dict):
+    """(cond, CFG stand-in wrapped with guidance as the pipeline wraps it, sampler, schedule)."""
+    diffusion = diffusion_for(c["schedule"])
+    cond, uncond = conditions(case_tensor(c, "c_img"))
+    model_fn = classifier_free_guidance(standin(c["schedule"]), uncond, c["cfg_scale"])
+    if c["space"] == "rgb":  # our RGB target and decoder are in [0, 1]
+        target = (case_tensor(c, "target_rgb") + 1) / 2
+        decode = lambda z: (fixture_decode(z) + 1) / 2  # noqa: E731
+    else:
+        target, decode = case_tensor(c, "target_latent"), None
+    options = LatentGuidance(c["g_scale"], space=c["space"], loss=c["loss"], repeat=c["repeat"])
+    sampler = SpacedSampler.from_diffusion(diffusion)
+    schedule = sampler.make_schedule(c["steps"])
+    timesteps = schedule.timesteps[::-1].tolist()
+    guided = latent_image_guidance(model_fn, diffusion, target, options, timesteps, decode)
+    return cond, guided, sampler, schedule
+
+
+@pytest.mark.parametrize("case_id", [i for i in case_ids("guidance") if "/step/" in i])
+def test_guided_step_matches_the_original(case_id: str) -> None:
+    """One guided spaced step (CFG 4) at t = 666: x̂_0 after guidance and z_prev, in latent
+    and RGB space, MSE and edge-weighted MSE, 1 or 2 gradient steps."""
+    c = case(case_id)
+    cond, guided, sampler, schedule = fixture_guided_model(c)
+    z_t = case_tensor(c, "z_t")
+    model_t = torch.full((z_t.shape[0],), c["model_t"])
+    index = torch.full((z_t.shape[0],), c["index"])
+    pred_x0 = sampler.predict_x0(schedule, z_t, index, guided(z_t, model_t, cond))
+    assert_matches(pred_x0, c, "pred_x0_guided")
+    noise = case_tensor(c, "noise")[0]
+    assert_matches(
+        sampler.p_sample(guided, schedule, z_t, model_t, index, cond, noise), c, "x_prev"
+    )
+
+
+@pytest.mark.parametrize("case_id", [i for i in case_ids("guidance") if "/full/" in i])
+def test_guided_run_matches_the_original(case_id: str) -> None:
+    c = case(case_id)
+    cond, guided, sampler, _ = fixture_guided_model(c)
+    noise = noise_queue(c)
+    noise += [torch.zeros_like(noise[0])] * (c["steps"] - len(noise))  # the last step's draw
+    final = sampler.sample(
+        guided, case_tensor(c, "x_T"), c["steps"], cond, noise=noise, progress=False
+    )
+    assert_matches(final, c)

@@ -76,7 +76,8 @@ def test_folder_run_skips_bad_files_and_resumes(weights: Path, tmp_path: Path, c
     assert sidecar["seed"] == 5 and sidecar["options"]["seed"] == 5
     assert sidecar["options"]["steps"] == 1 and sidecar["options"]["upscale"] == 2.0
     assert (
-        sidecar["options"]["sampler"] == "dpm++_3m_sde" and sidecar["options"]["cfg_scale"] == 6.0
+        sidecar["options"]["sampler"] == "edm_dpm++_3m_sde"
+        and sidecar["options"]["cfg_scale"] == 6.0
     )
     assert sidecar["input_bit_depth"] == 16 and sidecar["input_size"] == [16, 24]
     assert sidecar["output_size"] == [32, 48] and sidecar["version"] == "v2.1"
@@ -144,7 +145,8 @@ def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) 
         "--sd-ckpt", str(weights / "v2-1_512-ema-pruned.ckpt"),
         "--controlnet-ckpt", str(weights / "v2.pth"),
         "--stage1-ckpt", str(weights / "general_swinir_v1.ckpt"),
-        "--sampler", "ddim", "--eta", "0.5", "--start", "cond", "--noise-aug", "100",
+        "--sampler", "ddim", "--eta", "0.5", "--ddim-spacing", "trailing", "--start", "cond",
+        "--noise-aug", "100", "--resize-backend", "torch", "--quantize", "round",
         "--cfg-scale", "3", "--rescale-cfg", "--pos-prompt", "sharp", "--neg-prompt", "blurry",
         "--strength", "0.8", "--color-fix", "adain", "--output-format", "jpg", "--upscale", "2",
         "--batch-size", "2",
@@ -156,6 +158,8 @@ def test_custom_version_from_a_file_list(weights: Path, tmp_path: Path, capsys) 
     assert _read(out / "sub" / "rgba.jpg").shape == (32, 48, 3)  # JPEG drops the alpha
     options = json.loads((out / "rgb.jpg.json").read_text())["options"]
     assert (options["sampler"], options["ddim_eta"], options["start"]) == ("ddim", 0.5, "cond")
+    assert (options["ddim_spacing"], options["resize_backend"]) == ("trailing", "torch")
+    assert json.loads((out / "rgb.jpg.json").read_text())["arguments"]["quantize"] == "round"
     assert (options["pos_prompt"], options["neg_prompt"], options["control_strength"]) == (
         "sharp",
         "blurry",
@@ -182,7 +186,7 @@ def test_tiling_guidance_16bit_and_glob(weights: Path, tmp_path: Path, capsys) -
         "--vae-decoder-tile-size", "64", "--vae-decoder-tile-stride", "32",
         "--diffusion-tile-size", "64", "--diffusion-tile-stride", "32", "--diffusion-tile-batch", "2",
         "--guidance", "--g-loss", "mse", "--g-scale", "0.01", "--g-start", "1001", "--g-stop", "-1",
-        "--g-space", "rgb", "--g-repeat", "1", "--sampler", "euler", "--no-karras", "--verbose",
+        "--g-space", "rgb", "--g-repeat", "1", "--sampler", "euler", "--sigma-schedule", "exponential", "--verbose",
         "--steps", "1",
     ]  # fmt: skip
     assert inference.main(argv) == 0
@@ -193,7 +197,10 @@ def test_tiling_guidance_16bit_and_glob(weights: Path, tmp_path: Path, capsys) -
     assert options["stage1_tile_size"] == 512 and options["diffusion_tile_size"] == 64
     assert options["guidance"] == {"scale": 0.01, "t_start": 1001, "t_stop": -1, "space": "rgb",
                                    "loss": "mse", "repeat": 1}  # fmt: skip
-    assert sidecar["weights"]["controlnet"].endswith("v1_face.pth") and not options["karras_sigmas"]
+    assert (
+        sidecar["weights"]["controlnet"].endswith("v1_face.pth")
+        and options["sigma_schedule"] == "exponential"
+    )
 
 
 def test_separate_cfg_branches_with_v2_faces(weights: Path, tmp_path: Path) -> None:

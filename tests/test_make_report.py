@@ -1,4 +1,5 @@
-"""The HTML report: every image linked, crops written or embedded, metric values shown."""
+"""The HTML report (`model.eval.report`) and its CLI: every image linked, crops written or
+embedded, metric values shown."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts import evaluate
+from model.eval.report import crop_region, match_rows
+from model.eval.scoring import EvalConfig, evaluate_folder
 from scripts.make_report import build_parser, main
 
 
@@ -39,8 +41,9 @@ def folders(tmp_path: Path) -> dict[str, Path]:
 
 
 def _evaluate(results: Path, gt: Path, out: Path) -> Path:
-    argv = ["--results", str(results), "--gt", str(gt), "--metrics", "psnr,ssim"]
-    assert evaluate.main([*argv, "--crop-border", "0", "--out", str(out)]) == 0
+    cfg = EvalConfig(results=results, gt=gt, metrics=("psnr", "ssim"), crop_border=0)
+    report, _, _ = evaluate_folder(cfg, out)
+    assert not report.errors
     return out / "summary.json"
 
 
@@ -102,3 +105,19 @@ def test_cli_rejects_bad_arguments(folders: dict[str, Path], tmp_path: Path) -> 
         with pytest.raises(SystemExit) as exc:
             main(["--out", out, *bad])
         assert exc.value.code == 2
+
+
+def test_rows_match_by_path_then_stem_and_crops_scale(tmp_path: Path) -> None:
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    for path in ("a/x.png", "a/sub/y.png", "b/x.jpg", "b/other/y.png", "c/y.png", "c/z/y.png"):
+        _write(tmp_path / path, img)
+    columns = (("A", tmp_path / "a"), ("B", tmp_path / "b"), ("C", tmp_path / "c"))
+    rows = dict(match_rows(columns))
+    assert sorted(rows) == ["sub/y", "x"]
+    assert rows["x"] == {"A": tmp_path / "a/x.png", "B": tmp_path / "b/x.jpg"}
+    # sub/y: B by its unique stem; C has two y.png, so neither is taken
+    assert rows["sub/y"] == {"A": tmp_path / "a/sub/y.png", "B": tmp_path / "b/other/y.png"}
+    big = np.arange(64 * 48).reshape(64, 48, 1).repeat(3, axis=2).astype(np.float32)
+    box = (0.25, 0.5, 0.5, 0.25)
+    assert np.array_equal(crop_region(big, box), big[16:48, 24:36])
+    assert np.array_equal(crop_region(big[::4, ::4], box), big[::4, ::4][4:12, 6:9])

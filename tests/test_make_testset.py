@@ -1,4 +1,5 @@
-"""Synthetic test sets: reproducible bytes, parameters inside the protocol ranges, LQ sizes."""
+"""Synthetic test sets (`dataset.testsets`) and their CLI: reproducible bytes, parameters inside
+the protocol ranges, LQ sizes, reuse of a finished set."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from basicsr.utils.matlab_functions import imresize
 
+from dataset import testsets
+from dataset.testsets import DEFAULT_CROP, RealESRGANx4, existing_testset, make_testset
 from model.io.images import read_image
-from scripts.make_testset import RealESRGANx4, build_parser, main
+from scripts.make_testset import build_parser, main
 
 
 def _write(path: Path, img: np.ndarray) -> None:
@@ -174,3 +177,32 @@ def test_cli_rejects_bad_arguments(gt_dir: Path, tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exc:
             main(["--protocol", "bicubic_x4", "--gt", str(gt_dir), *extra])
         assert exc.value.code == 2
+
+
+def test_config_checks_and_reuse_of_a_finished_set(gt_dir: Path, tmp_path: Path) -> None:
+    config = testsets.TestsetConfig
+    for protocol, crop in DEFAULT_CROP.items():
+        assert config(protocol, gt_dir, tmp_path).crop == crop
+    bad_settings = [
+        {"protocol": "bogus"},
+        {"crop": "corner"},
+        {"crop_size": 130},  # not a multiple of 4
+        {"crops_per_image": 2},  # needs random crops
+        {"limit": 0},
+    ]
+    for bad in bad_settings:
+        with pytest.raises(ValueError):
+            config(**{"protocol": "bicubic_x4", "gt": gt_dir, "out": tmp_path, **bad})
+
+    cfg = config("bicubic_x4", gt_dir, tmp_path / "set", crop_size=64, limit=1)
+    assert existing_testset(cfg) is None
+    meta = make_testset(cfg)
+    assert [e["source"] for e in meta["images"]] == ["a.png"]  # limit: first source only
+    expected = {"protocol": "bicubic_x4", "seed": 0, "crop": "center", "crop_size": 64}
+    assert meta["settings"] == {**expected, "crops_per_image": 1, "limit": 1}
+    assert existing_testset(cfg) == meta
+    other_seed = config("bicubic_x4", gt_dir, cfg.out, seed=1, crop_size=64, limit=1)
+    other_source = config("bicubic_x4", tmp_path, cfg.out, crop_size=64, limit=1)
+    for other in (other_seed, other_source):
+        with pytest.raises(ValueError, match="other settings or data"):
+            existing_testset(other)

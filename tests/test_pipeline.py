@@ -77,7 +77,7 @@ def test_output_sizes(pipe: DiffBIRPipeline, h: int, w: int, upscale: float, exp
 
 def test_seed_per_image_is_independent_of_the_batch(pipe: DiffBIRPipeline) -> None:
     lq = _lq(2, batch=2)
-    for sampler in ("dpm++_3m_sde", "spaced"):
+    for sampler in ("edm_dpm++_3m_sde", "spaced"):
         options = dataclasses.replace(FAST, sampler=sampler)
         both = pipe.restore(lq, options, seeds=[3, 4])
         assert both.seeds == [3, 4]
@@ -175,7 +175,7 @@ def test_prompts_strength_start_noise_aug_and_colour_fix_matter(pipe: DiffBIRPip
     plain = _restore(pipe, lq)
     assert pipe.cldm.control_scales == [1.0] * len(pipe.cldm.control_scales)
     variants = dict(pos_prompt="a cat", control_strength=0.3, noise_aug=300,
-                    color_fix="adain", sampler="ddim", karras_sigmas=False)  # fmt: skip
+                    color_fix="adain", sampler="ddim")  # fmt: skip
     for key, value in variants.items():
         changed = _restore(pipe, lq, **{key: value})
         assert not torch.allclose(changed, plain, atol=1e-4), key
@@ -321,17 +321,20 @@ def test_options_validation_and_defaults() -> None:
     )  # re-exported by model.pipelines.diffbir
     defaults = PipelineOptions()
     assert (defaults.sampler, defaults.steps, defaults.cfg_scale, defaults.control_strength) == (
-        "dpm++_3m_sde",
+        "edm_dpm++_3m_sde",
         10,
         6.0,
         1.0,
     )
-    assert defaults.sampler_options() == {"use_karras_sigmas": True}
+    assert defaults.sampler_options() == {"sigma_schedule": "original"}
+    assert PipelineOptions(sampler="euler", sigma_schedule="karras").sampler_options() == {
+        "use_karras_sigmas": True
+    }
     assert (defaults.pos_prompt, defaults.neg_prompt) == (DEFAULT_POS_PROMPT, DEFAULT_NEG_PROMPT)
     # the reference fixture tokenised the official CLI's default positive prompt
     assert DEFAULT_POS_PROMPT in load_fixture("clip_tiny")[1]["prompts"]
     assert PipelineOptions(diffusion_tile_size=512).tiles("diffusion") == (512, 256)
-    for bad in (dict(sampler="lms"), dict(stage1_tile_size=100), dict(vae_decoder_tile_size=64, vae_decoder_tile_stride=12),
+    for bad in (dict(sampler="lms"), dict(sigma_schedule="linear"), dict(stage1_tile_size=100), dict(vae_decoder_tile_size=64, vae_decoder_tile_stride=12),
                 dict(color_fix="hist"), dict(start="x"), dict(steps=0), dict(noise_aug=1000)):  # fmt: skip
         with pytest.raises(ValueError):
             PipelineOptions(**bad)

@@ -1,14 +1,14 @@
-"""scripts/reproduce.py: the command sequence, and a whole run on tiny weights (CPU, seconds).
+"""scripts/reproduce.py and model.eval.reproduce: configs, the steps, a run on tiny weights.
 
-The end-to-end run uses the real DIV2K config with small overrides: 128x128 crops of two
-generated images (Real-ESRGAN x4 -> 32x32 LQ), version v2.1 (its stage-1 file is among the tiny
-weights; v2's BSRNet is not), 2 sampling steps, and PSNR/SSIM only (no metric downloads).
+The end-to-end run uses the real DIV2K config with small overrides: 64x64 crops of two
+generated images (Real-ESRGAN x4 -> 16x16 LQ), version v2.1 (its stage-1 file is among the tiny
+weights; v2's BSRNet is not), 1 sampling step, and PSNR/SSIM only (no metric downloads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shlex
 from pathlib import Path
 
 import cv2
@@ -16,15 +16,17 @@ import numpy as np
 import pytest
 import yaml
 
+from model.diffusion.latent_guidance import LatentGuidance
+from model.eval.reproduce import ConfigError, load_config
 from model.io.images import read_image
-from scripts.reproduce import load_config, main
+from scripts.reproduce import main
 
 CONFIGS = sorted(Path("configs/reproduce").glob("*.yaml"))
 DIV2K = Path("configs/reproduce/bsr_synthetic_div2k.yaml")
 
 
 def _gt_folder(root: Path) -> Path:
-    """Two textured 8-bit images of 136x144 and 128x160 (centre crops of 128x128)."""
+    """Two textured 8-bit images of 136x144 and 128x160 (centre crops of 64x64)."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     for name, (h, w) in (("a.png", (136, 144)), ("b.png", (128, 160))):
@@ -38,63 +40,104 @@ def _tiny_args(weights: Path) -> list[str]:
     return [
         "--weights-dir", str(weights), "--model-config", str(weights / "tiny_config.yaml"),
         "--device", "cpu", "--precision", "fp32", "--offline", "--metrics", "psnr,ssim",
-        "--set", "version=v2.1", "--set", "data.crop_size=128",
-        "--set", "inference.steps=2", "--set", "inference.min-short-side=32",
+        "--set", "version=v2.1",
+        "--set", "inference.steps=1", "--set", "inference.min_short_side=32",
     ]  # fmt: skip
+
+
+def _steps(text: str) -> dict[str, dict[str, str]]:
+    """The printed steps as {step name: {setting: value as printed}}."""
+    steps: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        if line[:1].isdigit():
+            current = steps.setdefault(line.split(". ", 1)[1].split(" (")[0], {})
+        elif line.startswith("     "):
+            key, _, value = line.strip().partition(": ")
+            current[key] = value
+    return steps
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_plans(path: Path, tmp_path: Path, capsys) -> None:
     cfg = load_config(path)
-    assert cfg["name"] == path.stem and cfg["version"] == "v2"
-    assert cfg["inference"]["sampler"] == "spaced" and cfg["inference"]["steps"] == 50
+    assert cfg.name == path.stem and cfg.version == "v2"
+    # the original v2 CLI's settings, now as PipelineOptions fields
+    o = cfg.options
+    assert (o.sampler, o.steps, o.cfg_scale, o.control_strength) == ("spaced", 50, 4.0, 1.0)
+    assert (o.pos_prompt, o.color_fix, o.seed) == ("", "wavelet", 231)
+    assert o.neg_prompt.startswith("low quality, blurry") and o.upscale == (
+        4 if cfg.task == "sr" else 1
+    )
+    assert cfg.evaluate == {"crop_border": 4}
     # numbers in the paper column only together with their source
-    assert not cfg["paper"]["values"] or cfg["paper"]["source"]
+    assert not cfg.paper["values"] or cfg.paper["source"]
     argv = ["--config", str(path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--dry-run"]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
-    programs = [" ".join(shlex.split(ln)[:3]) for ln in lines]
-    expected = ["python inference.py --input", "python -m scripts.evaluate"]
-    if cfg["data"]["kind"] == "synthetic":
-        expected.insert(0, "python -m scripts.make_testset")
-    assert programs == expected
+    steps = _steps(capsys.readouterr().out)
+    expected = ["restore", "evaluate", "table"]
+    if cfg.data["kind"] == "synthetic":
+        expected.insert(0, "make_testset")
+    assert list(steps) == expected
+    assert steps["restore"]["steps"] == "50" and steps["restore"]["sampler"] == "spaced"
+    assert steps["evaluate"]["metrics"] == ", ".join(cfg.metrics)
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
-def test_dry_run_prints_the_sequence(tmp_path: Path, capsys) -> None:
+def test_dry_run_prints_the_steps_and_settings(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["--config", str(DIV2K), "--data", "div2k", "--out", str(out), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    testset, restore, score = (shlex.split(ln) for ln in lines[:3])
-    assert testset[:3] == ["python", "-m", "scripts.make_testset"]
-    assert testset[testset.index("--protocol") + 1] == "realesrgan_x4"
-    assert testset[testset.index("--crop-size") + 1] == "512"
-    assert restore[restore.index("--input") + 1] == str(out / "testset" / "lq")
-    for flag, value in (("--task", "sr"), ("--version", "v2"), ("--sampler", "spaced"),
-                        ("--steps", "50"), ("--cfg-scale", "4.0"), ("--pos-prompt", ""),
-                        ("--upscale", "4"), ("--seed", "231")):  # fmt: skip
-        assert restore[restore.index(flag) + 1] == value, flag
-    assert score[score.index("--gt") + 1] == str(out / "testset" / "gt")
-    assert score[score.index("--metrics") + 1] == "psnr,ssim,lpips,musiq,maniqa,clipiqa"
-    assert lines[3].startswith("#") and "table.md" in lines[3]
+    argv = ["--config", str(DIV2K), "--data", "div2k", "--out", str(out), "--dry-run"]
+    assert main([*argv, "--set", "inference.steps=20"]) == 0
+    steps = _steps(capsys.readouterr().out)
+    testset, restore, score = steps["make_testset"], steps["restore"], steps["evaluate"]
+    assert testset["protocol"] == "realesrgan_x4" and testset["crop_size"] == "512"
+    assert testset["gt"] == "div2k" and testset["out"] == str(out / "testset")
+    assert restore["input"] == str(out / "testset" / "lq")
+    assert restore["output"] == str(out / "restored")
+    expected = {"task": "sr", "version": "v2", "sampler": "spaced", "steps": "20",
+                "cfg_scale": "4.0", "pos_prompt": '""', "upscale": "4", "seed": "231",
+                "control_strength": "1.0", "color_fix": "wavelet", "precision": "fp32"}  # fmt: skip
+    assert {k: restore[k] for k in expected} == expected
+    assert restore["neg_prompt"] == json.dumps(
+        yaml.safe_load(DIV2K.read_text())["inference"]["neg_prompt"]
+    )
+    assert score["gt"] == str(out / "testset" / "gt") and score["results"] == str(out / "restored")
+    assert score["metrics"] == "psnr, ssim, lpips, musiq, maniqa, clipiqa"
+    assert score["crop_border"] == "4" and score["y_channel"] == "true"
+    assert steps["table"]["out"] == str(out / "table.md")
+
+
+def test_inference_section_becomes_pipeline_options(tmp_path: Path) -> None:
+    sets = ["inference.guidance.scale=0.5", "inference.guidance.space=rgb",
+            "inference.control_scales=[1,2,3]", "inference.diffusion_tile_size=512"]  # fmt: skip
+    cfg = load_config(DIV2K, sets)
+    assert cfg.options.guidance == LatentGuidance(scale=0.5, space="rgb")
+    assert cfg.options.control_scales == (1, 2, 3) and cfg.options.tiles("diffusion") == (512, 256)
+    settings = cfg.option_settings()
+    assert list(settings)[:3] == ["upscale", "sampler", "steps"]  # PipelineOptions order
+    assert settings["diffusion_tile_size"] == 512 and "min_short_side" not in settings
+    # a face config without upscale gets the task's default
+    face = yaml.safe_load(Path("configs/reproduce/bfr_real_lfw.yaml").read_text())
+    del face["inference"]["upscale"]
+    path = tmp_path / "face.yaml"
+    path.write_text(yaml.safe_dump(face))
+    assert load_config(path).options.upscale == 1.0
+    with pytest.raises(ConfigError, match=r"face.yaml: inference: upscale must be > 0"):
+        load_config(path, ["inference.upscale=0"])
 
 
 def test_end_to_end_on_tiny_weights(tiny_weights: Path, tmp_path: Path, capsys) -> None:
     data = _gt_folder(tmp_path / "gt_source")
     out = tmp_path / "run"
-    argv = [
-        "--config",
-        str(DIV2K),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *_tiny_args(tiny_weights),
-    ]
+    argv = ["--config", str(DIV2K), "--data", str(data), "--out", str(out)]
+    argv += [*_tiny_args(tiny_weights), "--set", "data.crop_size=64"]
     assert main(argv) == 0
     for name in ("a.png", "b.png"):
-        assert read_image(out / "testset" / "lq" / name).shape == (32, 32, 3)
-        assert read_image(out / "restored" / name).shape == (128, 128, 3)
+        assert read_image(out / "testset" / "lq" / name).shape == (16, 16, 3)
+        assert read_image(out / "restored" / name).shape == (64, 64, 3)
+    sidecar = json.loads((out / "restored" / "a.png.json").read_text())
+    options = load_config(DIV2K, ["inference.steps=1", "inference.min_short_side=32"]).options
+    assert sidecar["options"] == json.loads(json.dumps(dataclasses.asdict(options)))
+    assert sidecar["version"] == "v2.1" and sidecar["arguments"]["config"] == str(DIV2K)
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["counts"] == {"psnr": 2, "ssim": 2}
     table = (out / "table.md").read_text()
@@ -103,33 +146,40 @@ def test_end_to_end_on_tiny_weights(tiny_weights: Path, tmp_path: Path, capsys) 
     assert rows[0] == "| | PSNR↑ | SSIM↑ |"
     assert rows[1] == "| DiffBIR, paper | – | – |"
     ours = rows[2].split(" | ")
-    assert ours[0].startswith("| this run (v2.1; upscale 4, sampler spaced, steps 2")
+    assert ours[0] == "| this run (v2.1; upscale 4, sampler spaced, steps 1, cfg_scale 4, seed 231)"
     assert ours[1] == f"{summary['means']['psnr']:.2f}"
     assert ours[2].rstrip(" |") == f"{summary['means']['ssim']:.4f}"
     assert "paper numbers: none in the config" in table and "note: Not found:" in table
-    assert "python inference.py" in table
+    steps = _steps(table)
+    assert steps["restore"]["steps"] == "1" and steps["restore"]["version"] == "v2.1"
 
     # a rerun reuses the test set and the restored images: same numbers
-    stamp = (out / "restored" / "a.png").stat().st_mtime_ns
+    stamps = {
+        p: p.stat().st_mtime_ns for p in (out / "restored" / "a.png", out / "testset" / "meta.json")
+    }
     assert main(argv) == 0
-    assert (out / "restored" / "a.png").stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "table.md").read_text() == table
     # another seed of the same test set folder is refused instead of mixed in
+    capsys.readouterr()
     assert main([*argv, "--set", "data.seed=1"]) == 2
+    assert "holds a test set made with other settings" in capsys.readouterr().err
+
+
+def _pairs(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for name in ("x.png", "y.png"):
+        gt = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        lq = cv2.resize(gt, (16, 16), interpolation=cv2.INTER_AREA)
+        for sub, img in (("gt", gt), ("lq", lq)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(root / sub / name), img)
+    return root
 
 
 def test_paired_data_with_paper_numbers(tiny_weights: Path, tmp_path: Path) -> None:
     """A paired config scores against the given GT; paper values appear with their source."""
-    data = tmp_path / "pairs"
-    rng = np.random.default_rng(1)
-    for name in ("x.png", "y.png"):
-        gt = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        for sub, img in (
-            ("gt", gt),
-            ("lq", cv2.resize(gt, (16, 16), interpolation=cv2.INTER_AREA)),
-        ):
-            (data / sub).mkdir(parents=True, exist_ok=True)
-            assert cv2.imwrite(str(data / sub / name), img)
+    data = _pairs(tmp_path / "pairs")
     cfg = yaml.safe_load(Path("configs/reproduce/bsr_real_realsr.yaml").read_text())
     cfg["paper"].update(source="Table 9 of a test", values={"psnr": 12.34})
     config = tmp_path / "realsr.yaml"
@@ -138,20 +188,53 @@ def test_paired_data_with_paper_numbers(tiny_weights: Path, tmp_path: Path) -> N
     argv = ["--config", str(config), "--data", str(data), "--out", str(out), "--limit", "1"]
     assert main(argv + _tiny_args(tiny_weights)) == 0
     assert [p.name for p in (out / "restored").glob("*.png")] == ["x.png"]
+    assert read_image(out / "restored" / "x.png").shape == (64, 64, 3)
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["images"] == 1 and summary["missing_gt"] == []
     table = (out / "table.md").read_text()
     assert "| DiffBIR, paper | 12.34 | – |" in table
     assert "paper numbers: Table 9 of a test" in table
+    # --overwrite restores the finished image again (same seed: same pixels)
+    restored = out / "restored" / "x.png"
+    before, stamp = read_image(restored), restored.stat().st_mtime_ns
+    assert main([*argv, *_tiny_args(tiny_weights), "--overwrite"]) == 0
+    assert restored.stat().st_mtime_ns != stamp
+    assert np.array_equal(read_image(restored), before)
+
+
+def test_missing_weights_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    data = _pairs(tmp_path / "pairs")
+    weights = tmp_path / "no_weights"
+    weights.mkdir()
+    argv = ["--config", "configs/reproduce/bsr_real_realsr.yaml", "--data", str(data)]
+    argv += ["--out", str(tmp_path / "run"), "--weights-dir", str(weights), "--offline"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: restore:") and str(weights) in err and "BSRNet.pth" in err
+    assert not list((tmp_path / "run" / "restored").glob("*.png"))
 
 
 def test_bad_input_is_one_clear_error(tmp_path: Path, capsys) -> None:
     base = ["--data", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert main(["--config", str(tmp_path / "none.yaml"), *base]) == 2
-    assert "none.yaml: config not found" in capsys.readouterr().err
-    assert main(["--config", str(DIV2K), *base, "--set", "inference.stepz=3"]) == 2
-    assert "`stepz` is not a flag" in capsys.readouterr().err
-    assert main(["--config", str(DIV2K), *base, "--set", "inference.task=face"]) == 2
-    assert "`task` is set by reproduce.py" in capsys.readouterr().err
-    assert main(["--config", str(DIV2K), *base, "--metrics", "psnr,bogus"]) == 2
-    assert "unknown metrics ['bogus']" in capsys.readouterr().err
+    cases = [
+        (["--config", str(tmp_path / "none.yaml")], "none.yaml: config not found"),
+        (["--set", "inference.stepz=3"],
+         f"{DIV2K}: inference: `stepz` is not a PipelineOptions field; did you mean `steps`?"),
+        (["--set", "inference.cfg-scale=3"], "did you mean `cfg_scale`?"),
+        (["--set", "inference.task=face"], "`task` is not a PipelineOptions field"),
+        (["--set", "inference.steps=0"], f"{DIV2K}: inference: steps must be >= 1"),
+        (["--set", "inference.guidance.scal=1"], "`scal` is not a LatentGuidance field"),
+        (["--set", "evaluate.results=x"], "evaluate: `results` is set by reproduce.py"),
+        (["--set", "evaluate.crop_border=-1"], "crop_border >= 0"),
+        (["--set", "data.crop_sise=64"], "`crop_sise` is not a test-set setting; did you mean"),
+        (["--set", "data.crop_size=130"], "data: crop_size must be a positive multiple of 4"),
+        (["--set", "version=v9"], "version 'v9' not in"),
+        (["--metrics", "psnr,bogus"], "unknown metrics ['bogus']"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        config = [] if extra[0] == "--config" else ["--config", str(DIV2K)]
+        assert main([*config, *base, *extra, "--dry-run"]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
     assert main(["--config", str(DIV2K), "--data", str(tmp_path / "missing"), "--out", "o"]) == 2
     assert "missing: not a folder" in capsys.readouterr().err

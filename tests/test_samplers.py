@@ -22,8 +22,20 @@ from model.diffusion.spaced_ddpm import SpacedSampler
 
 PRESETS = {"eps": diffusion_sd21, "v_zsnr": diffusion_sd21_zsnr}
 NAMES = sorted(SAMPLERS)
-STOCHASTIC = {"spaced", "ddpm", "dpm++_2m_sde", "dpm++_3m_sde", "euler_a"}
+STOCHASTIC = {"spaced", "ddpm", "dpm++_2m_sde", "dpm++_3m_sde", "euler_a", "edm_euler_a", "edm_dpm_2_a",
+              "edm_dpm++_2s_a", "edm_dpm++_sde", "edm_dpm++_2m_sde", "edm_dpm++_3m_sde"}  # fmt: skip
 SPACINGS = ("trailing", "linspace", "leading")
+DDIM_SPACINGS = ("original", "trailing")
+
+
+def spacings_of(name: str) -> tuple[str | None, ...]:
+    """The timestep spacings a sampler takes (None: it has its own rule)."""
+    if name == "spaced" or name.startswith("edm_"):
+        return (None,)
+    return DDIM_SPACINGS if name == "ddim" else SPACINGS
+
+
+EDM_EULER_TYPE = {"edm_euler", "edm_heun", "edm_dpm_2", "edm_dpm_2_a", "edm_lms"}
 STEPS = 8
 SHAPE = (2, 4, 8, 8)
 
@@ -97,7 +109,7 @@ def test_sampler_is_finite_and_reproducible(
 @pytest.mark.parametrize("mode", ["noise", "cond"])
 @pytest.mark.parametrize(
     "name,spacing",
-    [("spaced", None)] + [(n, s) for n in NAMES if n != "spaced" for s in SPACINGS],
+    [(n, s) for n in NAMES for s in spacings_of(n)],
 )
 def test_ideal_denoiser_recovers_its_target(
     name: str, spacing: str, mode: str, preset: str
@@ -112,8 +124,14 @@ def test_ideal_denoiser_recovers_its_target(
     target = torch.randn(SHAPE, generator=gen(5))
     x_T = start_latent(sampler, diffusion, torch.randn(SHAPE, generator=gen(6)), 10, mode, gen(0))
     out = sampler.sample(oracle(diffusion, target), x_T, 10, None, gen(1), progress=False)
-    # measured: at most 6.4e-6 (DDIM, linspace), 2.4e-7 for "spaced"
-    torch.testing.assert_close(out, target, atol=2e-5, rtol=0)
+    # measured: at most 6.4e-6 (DDIM, linspace), 2.4e-7 for "spaced". The EDM solvers with
+    # Euler-type steps in the VE state from σ = 1e4 cancel numbers of size 1e4 in float32 (the
+    # original's own float32 results carry the same rounding, see the sampling fixtures):
+    # up to 7.2e-3 for dpm_2 on the eps schedule.
+    # The original DDIM ends at ᾱ_prev = ᾱ_0, not 1: z = sqrt(ᾱ_0)·z_0 + sqrt(1 − ᾱ_0)·ε̂
+    # (its fixtures check it exactly), so only its trailing form ends at the target.
+    atol = 1e-2 if name in EDM_EULER_TYPE else 0.15 if spacing == "original" else 2e-5
+    torch.testing.assert_close(out, target, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -131,7 +149,8 @@ def test_network_sees_vp_latent_and_integer_timesteps(name: str, preset: str) ->
     x_T = torch.randn(SHAPE, generator=gen(0))
     sampler.sample(model_fn, x_T, STEPS, None, gen(1), progress=False)
     assert seen_t == [[t, t] for t in sampler.timesteps(STEPS)]
-    assert seen_t[0] == [999, 999]
+    # every sampler starts at the pure-noise step but the original DDIM (range(0, T, T // n) + 1)
+    assert seen_t[0] == ([876, 876] if name == "ddim" else [999, 999])
     torch.testing.assert_close(seen_z[0], x_T, atol=1e-6, rtol=1e-6)
 
 
@@ -218,7 +237,7 @@ def test_start_latent(name: str, t_start: int) -> None:
 
 def test_start_latent_is_contiguous_whatever_the_condition_layout() -> None:
     diffusion = diffusion_sd21()
-    sampler = make_sampler("ddim", diffusion, timestep_spacing="leading")
+    sampler = make_sampler("ddpm", diffusion, timestep_spacing="leading")
     c_img = torch.randn(SHAPE, generator=gen(4))
     channels_last = c_img.to(memory_format=torch.channels_last)
     for mode in ("noise", "cond"):
@@ -231,7 +250,7 @@ def test_start_latent_is_contiguous_whatever_the_condition_layout() -> None:
 
 def test_start_latent_uses_the_first_scheduler_timestep() -> None:
     diffusion = diffusion_sd21()
-    sampler = make_sampler("ddim", diffusion, timestep_spacing="leading")
+    sampler = make_sampler("ddpm", diffusion, timestep_spacing="leading")
     assert sampler.timesteps(10)[0] == 900
     c_img = torch.randn(SHAPE, generator=gen(4))
     noise = torch.randn(SHAPE, generator=gen(9))

@@ -1,4 +1,5 @@
-"""Samplers by name: DiffBIR's respaced DDPM and diffusers' schedulers behind one loop.
+"""Samplers by name: the original's EDM family, DiffBIR's respaced DDPM and diffusers'
+schedulers behind one interface.
 
 Every sampler has `sample(model_fn, x_T, steps, cond, generator, progress)` and
 `timesteps(steps)`, so the pipeline switches samplers by name (`make_sampler`). The diffusers
@@ -30,7 +31,6 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from diffusers import (
-    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -42,6 +42,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
 from model.diffusion.callbacks import StepCallback, report_step
+from model.diffusion.ddim import DDIMSampler, DDIMSpacing
+from model.diffusion.edm import EDMSampler
+from model.diffusion.k_solvers import SOLVER_HPARAMS, SOLVERS
 from model.diffusion.schedule import Diffusion, ModelFn
 from model.diffusion.spaced_ddpm import SpacedSampler, space_timesteps
 
@@ -222,22 +225,8 @@ def _diffusers(
     return DiffusersSampler(scheduler_cls, config, stochastic=stochastic)
 
 
-def _ddim(
-    diffusion: Diffusion,
-    eta: float = 0.0,
-    timestep_spacing: TimestepSpacing = "trailing",
-    **scheduler_kwargs: Any,
-) -> DiffusersSampler:
-    base = _diffusers(
-        DDIMScheduler,
-        {"clip_sample": False},
-        False,
-        eta > 0,
-        diffusion,
-        timestep_spacing,
-        **scheduler_kwargs,
-    )
-    return dataclasses.replace(base, step_kwargs={"eta": eta})
+def _ddim(diffusion: Diffusion, eta: float = 0.0, timestep_spacing: DDIMSpacing = "original"):
+    return DDIMSampler(diffusion, eta, timestep_spacing)
 
 
 def _dpm(order: int, sde: bool) -> Callable[..., DiffusersSampler]:
@@ -245,7 +234,21 @@ def _dpm(order: int, sde: bool) -> Callable[..., DiffusersSampler]:
     return functools.partial(_diffusers, DPMSolverMultistepScheduler, fixed, True, sde)
 
 
+def _edm(solver: str) -> Callable[..., EDMSampler]:
+    def build(diffusion: Diffusion, sigma_schedule: str = "original", **hparams: Any) -> EDMSampler:
+        unknown = sorted(set(hparams) - set(SOLVER_HPARAMS[solver]))
+        if unknown:
+            raise ValueError(
+                f"sampler edm_{solver} takes {list(SOLVER_HPARAMS[solver]) or 'no options'} "
+                f"besides sigma_schedule, got {unknown}"
+            )
+        return EDMSampler(solver, diffusion, sigma_schedule, hparams)
+
+    return build
+
+
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
+    **{f"edm_{solver}": _edm(solver) for solver in SOLVERS},
     "spaced": _spaced,
     "ddpm": functools.partial(_diffusers, DDPMScheduler, {"clip_sample": False}, False, True),
     "ddim": _ddim,
@@ -257,9 +260,12 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "heun": functools.partial(_diffusers, HeunDiscreteScheduler, {}, True, False),
     "unipc": functools.partial(_diffusers, UniPCMultistepScheduler, {}, True, False),
 }
-"""Sampler builders by name: builder(diffusion, **options) -> Sampler. "spaced" takes no
-options; the others take `timestep_spacing` ("trailing" by default) and further keyword
-arguments of their diffusers scheduler (e.g. `use_karras_sigmas=True`); "ddim" also `eta`."""
+"""Sampler builders by name: builder(diffusion, **options) -> Sampler. "edm_*" are the
+original v2.1 samplers (`model.diffusion.edm`; options `sigma_schedule` and solver settings such
+as `eta`, `s_churn`); "spaced" is the paper's respaced DDPM (no options); the others are
+diffusers schedulers taking `timestep_spacing` ("trailing" by default) and further keyword
+arguments of their scheduler (e.g. `use_karras_sigmas=True`); "ddim" is
+`model.diffusion.ddim` (`eta`, `timestep_spacing` "original" or "trailing")."""
 
 
 def make_sampler(name: str, diffusion: Diffusion, **options: Any) -> Sampler:

@@ -32,7 +32,7 @@ def _tile_cond(cond: Any, boxes: list[tuple[int, int, int, int]]) -> Any:
     tiled = {}
     for key, value in cond.items():
         if key in SPATIAL_KEYS:
-            tiled[key] = torch.cat([value[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
+            tiled[key] = torch.cat([value[..., x0:x1, y0:y1] for y0, y1, x0, x1 in boxes])
         elif isinstance(value, torch.Tensor):
             tiled[key] = torch.cat([value] * len(boxes))
         else:

@@ -1,1 +1,1 @@
-"""Evaluation: full-reference metrics, pyiqa glue, test-set scoring."""
+"""Evaluation: metrics, pyiqa glue, scoring of result folders, HTML reports, reproduce configs."""

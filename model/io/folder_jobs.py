@@ -37,6 +37,7 @@ class OutputSettings:
         output_format: "png", "jpg" or "webp".
         quality: JPEG/WebP quality (1-100).
         bit_depth: 8, or 16 (png only).
+        quantize: "truncate" (the original's 8-bit conversion) or "round".
         save_stage1: also write the stage-1 image under `output/stage1/`.
         save_faces: also write each restored face under `output/faces/`.
     """
@@ -45,6 +46,7 @@ class OutputSettings:
     output_format: str = "png"
     quality: int = 95
     bit_depth: int = 8
+    quantize: str = "truncate"
     save_stage1: bool = False
     save_faces: bool = False
 
@@ -143,14 +145,11 @@ def load_image(job: Job) -> tuple[DecodedImage, torch.Tensor]:
 def write_output(
     path: Path, rgb: np.ndarray, alpha: np.ndarray | None, settings: OutputSettings
 ) -> None:
-    """Write atomically; 8-bit output truncates like the original's (x*255).to(uint8)."""
-    if settings.bit_depth == 8:
-        rgb = np.floor(rgb * 255.0) / 255.0
-        alpha = None if alpha is None else np.floor(alpha * 255.0) / 255.0
+    """Write atomically (a temporary name, then a rename)."""
     if settings.output_format == "jpg":
         alpha = None
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write_image(partial, rgb, alpha, bit_depth=settings.bit_depth, quality=settings.quality)
+    write_image(partial, rgb, alpha, settings.bit_depth, settings.quality, settings.quantize)
     os.replace(partial, path)
 
 

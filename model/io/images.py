@@ -120,10 +120,17 @@ def read_image(path: str | os.PathLike, background: float = 1.0) -> np.ndarray:
     return (image.rgb * a + background * (1.0 - a)).astype(np.float32)
 
 
-def quantise(img: np.ndarray, bit_depth: int = 8) -> np.ndarray:
-    """Float in [0, 1] -> uint8 / uint16 (clipped, rounded)."""
+QUANTIZE_MODES = ("truncate", "round")
+
+
+def quantise(img: np.ndarray, bit_depth: int = 8, mode: str = "round") -> np.ndarray:
+    """Float in [0, 1] -> uint8 / uint16, clipped; "round" to nearest or "truncate" (the
+    original's `(x * 255).to(uint8)`)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize mode must be one of {QUANTIZE_MODES}, got {mode!r}")
     peak, dtype = (255.0, np.uint8) if bit_depth == 8 else (65535.0, np.uint16)
-    return (np.clip(img, 0.0, 1.0) * peak).round().astype(dtype)
+    scaled = np.clip(img, 0.0, 1.0) * peak
+    return (np.floor(scaled) if mode == "truncate" else scaled.round()).astype(dtype)
 
 
 def write_image(
@@ -132,6 +139,7 @@ def write_image(
     alpha: np.ndarray | None = None,
     bit_depth: int = 8,
     quality: int = 95,
+    quantize: str = "round",
 ) -> None:
     """Write float RGB (H, W, 3) in [0, 1] to png/jpg/webp/bmp/tif, creating parent folders.
 
@@ -141,6 +149,7 @@ def write_image(
         alpha: optional float (H, W) in [0, 1]; only for png, webp and tif.
         bit_depth: 8, or 16 for png/tif.
         quality: JPEG/WebP quality (1-100).
+        quantize: "round" or "truncate" (see `quantise`).
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -162,7 +171,7 @@ def write_image(
         params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     elif ext == ".webp":
         params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
-    ok, encoded = cv2.imencode(ext, quantise(img, bit_depth), params)
+    ok, encoded = cv2.imencode(ext, quantise(img, bit_depth, quantize), params)
     if not ok:
         raise OSError(f"{path}: encoding as {ext} failed")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,11 +144,13 @@ class Stage1Model(nn.Module):
         tile_stride: int | None = None,
         progress: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        upscale_resize: Callable[[Tensor, tuple[int, int]], Tensor] = resize,
     ) -> Tensor:
         """The stage-1 image at the processing size: `out_size` (the requested output size)
         with its short side raised to `min_short_side`, placed as the module docstring says.
 
-        `autocast` wraps the network call (the resizes stay in fp32); returns fp32, not clamped.
+        `autocast` wraps the network call (the resizes stay in fp32); `upscale_resize` resizes
+        the LQ to `out_size` (`model.ops.sizing.RESIZES`); returns fp32, not clamped.
         """
 
         def run(x: Tensor) -> Tensor:
@@ -160,7 +162,7 @@ class Stage1Model(nn.Module):
             if min(out_size) < min_short_side:
                 return resize(x, short_side_size(*out_size, min_short_side))
             return resize(x, out_size)
-        x = resize(lq, out_size)
+        x = upscale_resize(lq, out_size)
         if self.runs_after_raise:
             return run(resize_short_side_to(x, min_short_side))
         return resize_short_side_to(run(x), min_short_side)

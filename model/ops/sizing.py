@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 
@@ -30,6 +33,23 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", antialias=True)
+
+
+def resize_pil(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic resize of the 8-bit images with PIL, as the original resizes the LQ by the
+    upscale factor (x in [0, 1], rounded to 8 bits first; a no-op at the same size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    rows = []
+    for img in x:
+        array = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        resized = Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        rows.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1))
+    return torch.stack(rows).to(x.device, torch.float32) / 255
+
+
+RESIZES = {"pil": resize_pil, "torch": resize}
+"""Resize backends of the LQ upscale by name."""
 
 
 def short_side_size(h: int, w: int, side: int) -> tuple[int, int]:

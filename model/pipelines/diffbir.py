@@ -26,19 +26,25 @@ import torch
 from torch import Tensor, nn
 
 from model.diffusion.callbacks import StepCallback
-from model.diffusion.cfg import classifier_free_guidance
-from model.diffusion.latent_guidance import latent_image_guidance
-from model.diffusion.samplers import Sampler, SpacedDDPM, make_sampler, start_latent
-from model.diffusion.schedule import Diffusion, ModelFn
-from model.diffusion.tiled import tiled_model_fn
+from model.diffusion.samplers import make_sampler
+from model.diffusion.schedule import Diffusion
 from model.nets.cldm import ControlLDM
 from model.nets.stage1 import Stage1Model
 from model.ops.color_fix import color_fix
 from model.ops.device import PRECISIONS, precision_name, resolve_device
-from model.ops.sizing import pad_to_multiple, resize
+from model.ops.sizing import RESIZES, pad_to_multiple, resize
 from model.ops.tiling import tiled_forward
 from model.pipelines.inputs import OutputType, to_batch, to_output
 from model.pipelines.options import PipelineOptions
+from model.pipelines.prompts import PromptCache, TextConditions
+from model.pipelines.sampling import (
+    Generators,
+    build_model_fn,
+    per_image_generators,
+    randn_rows,
+    run_sampler,
+    start_latents,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +52,6 @@ logger = logging.getLogger(__name__)
 PAD_MULTIPLE = 64
 # enable_vae_tiling(): the original CLI's --vae_encoder_tile_size / --vae_decoder_tile_size.
 VAE_TILE_SIZE = 256
-# Distinct prompts whose embeddings are kept.
-PROMPT_CACHE_SIZE = 64
-Generators = torch.Generator | Sequence[torch.Generator]
 
 
 @dataclasses.dataclass
@@ -103,7 +106,7 @@ class DiffBIRPipeline:
         self.options = PipelineOptions()
         self.weight_paths: dict[str, Path] = {}
         self.offload = False
-        self._prompt_cache: dict[str, Tensor] = {}
+        self._prompt_cache = PromptCache(self._encode_text)
         self.device = resolve_device(device)
         self.precision = "fp32"
         self.to(self.device, precision)
@@ -284,6 +287,7 @@ class DiffBIRPipeline:
             return self.stage1.at_processing_size(
                 lq, self.output_size(lq, options), options.min_short_side,
                 *options.tiles("stage1"), progress=options.progress, autocast=self._autocast,
+                upscale_resize=RESIZES[options.resize_backend],
             )  # fmt: skip
 
     @torch.no_grad()
@@ -318,10 +322,10 @@ class DiffBIRPipeline:
         batch = lq.shape[0]
         if captions is not None and len(captions) != batch:
             raise ValueError(f"need {batch} captions, got {len(captions)}")
-        generators, used_seeds = self._generators(batch, options, seeds, generator)
+        generators, used_seeds = per_image_generators(batch, options.seed, seeds, generator)
         out_size = self.output_size(lq, options)
         cond_img = self.run_stage1(lq, options)
-        texts = _Texts(captions, prompt_embeds, negative_prompt_embeds)
+        texts = TextConditions(captions, prompt_embeds, negative_prompt_embeds)
         sample = self._diffuse(cond_img, options, generators, texts, latents, callback)
         sample = color_fix(sample, cond_img, options.color_fix)
         return PipelineResult(
@@ -330,45 +334,25 @@ class DiffBIRPipeline:
             seeds=used_seeds,
         )
 
-    def _generators(
-        self,
-        batch: int,
-        options: PipelineOptions,
-        seeds: Sequence[int] | None,
-        generator: Generators | None,
-    ) -> tuple[list[torch.Generator], list[int | None]]:
-        """One generator per image: the given ones, or CPU generators seeded per image (so
-        results do not depend on the device)."""
-        if generator is not None:
-            gens = (
-                [generator] * batch if isinstance(generator, torch.Generator) else list(generator)
-            )
-            if len(gens) != batch:
-                raise ValueError(f"need 1 or {batch} generators, got {len(gens)}")
-            return gens, [None] * batch
-        seeds = [options.seed] * batch if seeds is None else [int(s) for s in seeds]
-        if len(seeds) != batch:
-            raise ValueError(f"need {batch} seeds, got {len(seeds)}")
-        return [torch.Generator().manual_seed(s) for s in seeds], list(seeds)
-
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
-        """Text contexts (B, 77, D) of `prompts`, each distinct prompt encoded once per run
-        of the pipeline (kept in a small cache)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            with self._running(self.cldm.text_encoder):
-                encoded = self.cldm.encode_text(missing).to(self.device)
-            if len(self._prompt_cache) + len(missing) > PROMPT_CACHE_SIZE:
-                self._prompt_cache.clear()
-            self._prompt_cache.update(zip(missing, encoded.split(1), strict=True))
-        return torch.cat([self._prompt_cache[p] for p in prompts])
+        """Text contexts (B, 77, D) of `prompts`; each distinct prompt is encoded once and
+        kept (`model.pipelines.prompts.PromptCache`)."""
+        return self._prompt_cache(prompts, self.device)
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the cached prompt embeddings (the next call encodes its prompts again)."""
+        self._prompt_cache.clear()
+
+    def _encode_text(self, prompts: list[str]) -> Tensor:
+        with self._running(self.cldm.text_encoder):
+            return self.cldm.encode_text(prompts)
 
     def _diffuse(
         self,
         cond_img: Tensor,
         options: PipelineOptions,
         generators: list[torch.Generator],
-        texts: _Texts,
+        texts: TextConditions,
         latents: Tensor | None,
         callback: StepCallback | None,
     ) -> Tensor:
@@ -385,97 +369,25 @@ class DiffBIRPipeline:
                 )
             x_T = latents.to(self.device, torch.float32)
         else:
-            x_T = self._start_latents(sampler, c_img, options, generators)
+            x_T = start_latents(sampler, self.diffusion, c_img, options, generators)
         guidance_target = padded if _rgb_guidance(options) else c_img
         if options.noise_aug > 0:
             t = torch.full((batch,), options.noise_aug, dtype=torch.long, device=self.device)
-            c_img = self.diffusion.q_sample(c_img, t, _randn(c_img, generators))
-        cond = {"c_txt": texts.positive(self, options, batch), "c_img": c_img}
+            c_img = self.diffusion.q_sample(c_img, t, randn_rows(c_img, generators))
+        encode = self.encode_prompt
+        cond = {"c_txt": texts.positive(encode, options.pos_prompt, batch), "c_img": c_img}
         uncond = None
         if options.cfg_scale != 1:
-            uncond = {"c_txt": texts.negative(self, options, batch), "c_img": c_img}
-        model_fn = self._model_fn(sampler, options, uncond, guidance_target)
+            uncond = {"c_txt": texts.negative(encode, options.neg_prompt, batch), "c_img": c_img}
+        model_fn = build_model_fn(
+            self.cldm, self.diffusion, sampler, options, uncond, guidance_target, self._autocast
+        )
         modules = (self.cldm.unet, self.cldm.controlnet)
         if options.guidance is not None and options.guidance.space == "rgb":
             modules += (self.cldm.vae,)
         with self._control_scales(options), self._running(*modules):
-            z_0 = self._sample(sampler, model_fn, x_T, options, cond, generators, callback)
+            z_0 = run_sampler(sampler, model_fn, x_T, options, cond, generators, callback)
         return (self._vae_decode(z_0, options)[..., :h0, :w0] + 1) / 2
-
-    def _start_latents(
-        self, sampler: Sampler, c_img: Tensor, options: PipelineOptions, generators: list
-    ) -> Tensor:
-        """x_T per image from its own generator (contiguous, see `start_latent`)."""
-        rows = [
-            start_latent(sampler, self.diffusion, c_img[i : i + 1], options.steps, options.start, g)
-            for i, g in enumerate(generators)
-        ]
-        return torch.cat(rows)
-
-    def _model_fn(
-        self, sampler: Sampler, options: PipelineOptions, uncond: dict | None, target: Tensor
-    ) -> ModelFn:
-        """ControlLDM under autocast (the frozen UNet alone outside the control steps),
-        wrapped with tiling, then CFG, then latent guidance."""
-        timesteps = sampler.timesteps(options.steps)
-        controlled = {timesteps[k] for k in options.control_steps(len(timesteps))}
-
-        def network(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-            with self._autocast():
-                if int(t[0]) in controlled:
-                    return self.cldm(x, t, cond).float()
-                return self.cldm.unet_forward(x, t, cond["c_txt"]).float()
-
-        model_fn: ModelFn = network
-        tile_size, tile_stride = options.tiles("diffusion")
-        if tile_size is not None:
-            model_fn = tiled_model_fn(
-                model_fn, tile_size // 8, tile_stride // 8, options.diffusion_tile_batch_size
-            )
-        if uncond is not None:
-            model_fn = classifier_free_guidance(
-                model_fn,
-                uncond,
-                options.cfg_scale,
-                options.rescale_cfg,
-                self.diffusion.num_timesteps,
-                batched=options.cfg_batched,
-            )
-        guidance = options.guidance
-        if guidance is not None and guidance.scale > 0:
-            model_fn = latent_image_guidance(
-                model_fn,
-                self.diffusion,
-                target,
-                guidance,
-                timesteps=timesteps,
-                decode=lambda z: (self.cldm.vae_decode(z) + 1) / 2,
-            )
-        return model_fn
-
-    def _sample(
-        self,
-        sampler: Sampler,
-        model_fn: ModelFn,
-        x_T: Tensor,
-        options: PipelineOptions,
-        cond: dict,
-        generators: list[torch.Generator],
-        callback: StepCallback | None,
-    ) -> Tensor:
-        """Run the sampler with per-image random streams."""
-        if isinstance(sampler, SpacedDDPM):
-            # The respaced sampler takes one generator; pass its per-step noise precomputed.
-            noise = [_randn(x_T, generators) for _ in range(options.steps)]
-            return sampler.sample(
-                model_fn, x_T, options.steps, cond, progress=options.progress,
-                callback=callback, noise=noise,
-            )  # fmt: skip
-        # diffusers draws per-image noise from a list of generators (randn_tensor).
-        generator: Any = generators if len(set(map(id, generators))) > 1 else generators[0]
-        return sampler.sample(
-            model_fn, x_T, options.steps, cond, generator, options.progress, callback
-        )
 
     @contextlib.contextmanager
     def _control_scales(self, options: PipelineOptions) -> Iterator[None]:
@@ -508,40 +420,6 @@ class DiffBIRPipeline:
             )  # fmt: skip
 
 
-@dataclasses.dataclass
-class _Texts:
-    """Where a call's text contexts come from: captions + prompts, or given embeddings."""
-
-    captions: Sequence[str] | None
-    prompt_embeds: Tensor | None
-    negative_prompt_embeds: Tensor | None
-
-    def positive(self, pipe: DiffBIRPipeline, options: PipelineOptions, batch: int) -> Tensor:
-        if self.prompt_embeds is not None:
-            return _expand(self.prompt_embeds, batch).to(pipe.device)
-        text = options.pos_prompt
-        if self.captions is None:
-            return pipe.encode_prompt([text] * batch)
-        return pipe.encode_prompt([", ".join(p for p in (c, text) if p) for c in self.captions])
-
-    def negative(self, pipe: DiffBIRPipeline, options: PipelineOptions, batch: int) -> Tensor:
-        if self.negative_prompt_embeds is not None:
-            return _expand(self.negative_prompt_embeds, batch).to(pipe.device)
-        return pipe.encode_prompt([options.neg_prompt] * batch)
-
-
-def _expand(embeds: Tensor, batch: int) -> Tensor:
-    if embeds.shape[0] not in (1, batch):
-        raise ValueError(f"prompt embeddings for 1 or {batch} images, got {embeds.shape[0]}")
-    return embeds.expand(batch, *embeds.shape[1:])
-
-
 def _rgb_guidance(options: PipelineOptions) -> bool:
     # RGB-space guidance compares with the (padded) stage-1 image, latent-space with c_img.
     return options.guidance is not None and options.guidance.space == "rgb"
-
-
-def _randn(like: Tensor, generators: list[torch.Generator]) -> Tensor:
-    """Standard normal noise shaped like `like`, row i drawn from generators[i] on its device."""
-    rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device) for g in generators]
-    return torch.cat(rows).to(like)

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.ops.sizing import resize
+from model.ops.sizing import RESIZES
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.faces import AlignedFaces, FaceHelper
 from model.pipelines.options import PipelineOptions
+from model.pipelines.sampling import per_image_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,11 @@ class FaceBackgroundPipeline:
         options = options or PipelineOptions()
         lq = lq.to(self.device, torch.float32)
         batch = lq.shape[0]
-        seeds = [options.seed] * batch if seeds is None else [int(s) for s in seeds]
-        if len(seeds) != batch or (captions is not None and len(captions) != batch):
-            raise ValueError(f"need {batch} seeds and captions, got {len(seeds)}")
-        upscaled = resize(lq, self.background.output_size(lq, options))
+        seeds = per_image_seeds(batch, options.seed, seeds)
+        if captions is not None and len(captions) != batch:
+            raise ValueError(f"need {batch} captions, got {len(captions)}")
+        upscale = RESIZES[options.resize_backend]
+        upscaled = upscale(lq, self.background.output_size(lq, options))
         aligned = [self.helper.detect_and_align(image) for image in upscaled]
         face_options = dataclasses.replace(options, upscale=1.0)
         faces = [

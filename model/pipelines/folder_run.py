@@ -6,10 +6,13 @@ jobs; an unreadable image or a failed batch is reported and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,3 +108,23 @@ class FolderRunner:
             self.fail(f"{names}: {type(exc).__name__}: {exc}")
         bar.update(len(batch))
         bar.set_postfix_str(f"{(time.perf_counter() - start) / len(batch):.2f} s/img")
+
+
+def run_record(
+    pipeline: Pipeline,
+    options: PipelineOptions,
+    version: str,
+    task: str,
+    arguments: dict[str, Any],
+    model_config: str | None = None,
+    stage1_only: bool = False,
+) -> dict[str, Any]:
+    """The run-wide part of every sidecar: what was run, with which weights and options."""
+    return {
+        "version": version, "task": task, "stage1_only": stage1_only, "seed": options.seed,
+        "device": str(pipeline.device), "precision": pipeline.precision,
+        "weights": {role: str(path) for role, path in pipeline.weight_paths.items()},
+        "model_config": model_config, "options": dataclasses.asdict(options),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in arguments.items()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip

@@ -91,9 +91,9 @@ def resize_alpha(alpha: np.ndarray | None, size: tuple[int, int]) -> np.ndarray 
     return resize(torch.from_numpy(alpha)[None, None], size)[0, 0].clamp(0, 1).numpy()
 
 
-def to_uint8(image: Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> HWC uint8, quantised as the written files are."""
-    return quantise(image.detach().float().permute(1, 2, 0).cpu().numpy())
+def to_uint8(image: Tensor, quantize: str = "truncate") -> np.ndarray:
+    """(3, H, W) in [0, 1] -> HWC uint8, truncated as the original (or rounded)."""
+    return quantise(image.detach().float().permute(1, 2, 0).cpu().numpy(), 8, quantize)
 
 
 def to_output(images: Tensor, output_type: OutputType, alphas: Alphas) -> Any:
@@ -107,6 +107,6 @@ def to_output(images: Tensor, output_type: OutputType, alphas: Alphas) -> Any:
         array = to_uint8(image)
         alpha = resize_alpha(alpha, tuple(image.shape[-2:]))
         if alpha is not None:
-            array = np.concatenate([array, quantise(alpha)[..., None]], -1)
+            array = np.concatenate([array, quantise(alpha, 8, "truncate")[..., None]], -1)
         out.append(Image.fromarray(array) if output_type == "pil" else array)
     return out

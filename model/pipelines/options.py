@@ -12,6 +12,7 @@ from typing import Any, Literal
 from model.diffusion.latent_guidance import LatentGuidance
 from model.diffusion.samplers import SAMPLERS
 from model.ops.color_fix import COLOR_FIX_MODES
+from model.ops.sizing import RESIZES
 
 # The original CLI's prompts (XPixelGroup/DiffBIR inference.py), used with every version.
 DEFAULT_POS_PROMPT = (
@@ -24,11 +25,14 @@ DEFAULT_NEG_PROMPT = (
     "CG Style, 3D render, unreal engine, blurring, dirty, messy, worst quality, low quality, "
     "frames, watermark, signature, jpeg artifacts, deformed, lowres, over-smooth."
 )
-# diffusers schedulers that accept `use_karras_sigmas`.
-KARRAS_SAMPLERS = ("dpm++_2m", "dpm++_2m_sde", "dpm++_3m_sde", "euler", "heun", "unipc")
+# diffusers schedulers that accept `use_karras_sigmas` / `use_exponential_sigmas`.
+SIGMA_SCHEDULE_SAMPLERS = ("dpm++_2m", "dpm++_2m_sde", "dpm++_3m_sde", "euler", "heun", "unipc")
+SIGMA_SCHEDULES = ("original", "karras", "exponential")
 # Tile sizes must be multiples of these (stage 1 and diffusion: one SwinIR window / 8 latents
 # of 8 pixels; the VAE: one latent pixel).
 TILE_MULTIPLES = {"stage1": 64, "vae_encoder": 8, "vae_decoder": 8, "diffusion": 64}
+# "Tiled" runs: the original CLI's tile sizes (stage 1 and diffusion 512, VAE 256).
+TILED_DEFAULTS = {"stage1": 512, "vae_encoder": 256, "vae_decoder": 256, "diffusion": 512}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +41,18 @@ class PipelineOptions:
 
     Args:
         upscale: output size = (int(h·upscale), int(w·upscale)).
+        resize_backend: how the LQ is resized by the upscale factor: "pil" (bicubic on the
+            8-bit image, as the original) or "torch" (bicubic with antialiasing on floats).
         min_short_side: images whose short side is below this are processed at this size
             (bicubic, antialiased) and resized back at the end; 512 for the released models.
-        sampler: a `model.diffusion.samplers.SAMPLERS` name; "dpm++_3m_sde" with Karras
-            sigmas stands for the original's "edm_dpm++_3m_sde".
-        karras_sigmas: use Karras sigmas where the sampler supports them (KARRAS_SAMPLERS).
+        sampler: a `model.diffusion.samplers.SAMPLERS` name; the default "edm_dpm++_3m_sde" is
+            the original v2.1 default (k-diffusion's DPM-Solver++(3M) SDE on its EDM wrapper).
+        sigma_schedule: "original" (the EDM samplers: the original's timestep/sigma rule; the
+            diffusers samplers: their trailing timesteps), "karras" or "exponential" (EDM
+            samplers and SIGMA_SCHEDULE_SAMPLERS).
         ddim_eta: DDIM's eta (sampler "ddim" only).
+        ddim_spacing: DDIM's timesteps: "original" (range(0, T, T // steps) + 1, as the
+            original; 7 steps take 8) or "trailing" (from t = T − 1, ending at ᾱ = 1).
         steps: sampling steps.
         start: "noise" (x_T ~ N(0, I)) or "cond" (x_T = q_sample(c_img, t_start)).
         noise_aug: > 0 replaces c_img by q_sample(c_img, noise_aug) (both CFG branches).
@@ -70,10 +80,12 @@ class PipelineOptions:
     """
 
     upscale: float = 1.0
+    resize_backend: str = "pil"
     min_short_side: int = 512
-    sampler: str = "dpm++_3m_sde"
-    karras_sigmas: bool = True
+    sampler: str = "edm_dpm++_3m_sde"
+    sigma_schedule: str = "original"
     ddim_eta: float = 0.0
+    ddim_spacing: str = "original"
     steps: int = 10
     start: Literal["noise", "cond"] = "noise"
     noise_aug: int = 0
@@ -114,6 +126,18 @@ class PipelineOptions:
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
+        if self.sigma_schedule not in SIGMA_SCHEDULES:
+            raise ValueError(
+                f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {self.sigma_schedule!r}"
+            )
+        if self.resize_backend not in RESIZES:
+            raise ValueError(
+                f"resize_backend must be one of {list(RESIZES)}, got {self.resize_backend!r}"
+            )
+        if self.ddim_spacing not in ("original", "trailing"):
+            raise ValueError(
+                f"ddim_spacing must be original or trailing, got {self.ddim_spacing!r}"
+            )
         if self.start not in ("noise", "cond"):
             raise ValueError(f"start must be 'noise' or 'cond', got {self.start!r}")
         if self.color_fix not in COLOR_FIX_MODES:
@@ -145,9 +169,11 @@ class PipelineOptions:
     def sampler_options(self) -> dict[str, Any]:
         """Keyword arguments of `make_sampler` for this sampler."""
         if self.sampler == "ddim":
-            return {"eta": self.ddim_eta}
-        if self.sampler in KARRAS_SAMPLERS and self.karras_sigmas:
-            return {"use_karras_sigmas": True}
+            return {"eta": self.ddim_eta, "timestep_spacing": self.ddim_spacing}
+        if self.sampler.startswith("edm_"):
+            return {"sigma_schedule": self.sigma_schedule}
+        if self.sampler in SIGMA_SCHEDULE_SAMPLERS and self.sigma_schedule != "original":
+            return {f"use_{self.sigma_schedule}_sigmas": True}
         return {}
 
 
@@ -160,3 +186,14 @@ def _check_tiles(stage: str, size: int | None, stride: int | None, multiple: int
         raise ValueError(
             f"{stage} tile stride must be a multiple of 8 in (0, {size}], got {stride}"
         )
+
+
+def tile_fields(tiled: bool, **given: int | None) -> dict[str, int | None]:
+    """The `<stage>_tile_size` / `<stage>_tile_stride` options from the given ones (None: not
+    set); with `tiled`, unset sizes take TILED_DEFAULTS."""
+    fields: dict[str, int | None] = {}
+    for stage, default in TILED_DEFAULTS.items():
+        size = given.get(f"{stage}_tile_size")
+        fields[f"{stage}_tile_size"] = default if size is None and tiled else size
+        fields[f"{stage}_tile_stride"] = given.get(f"{stage}_tile_stride")
+    return fields

@@ -124,6 +124,20 @@ class Stage2System(LightningModule):
             k: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that a checkpoint holds every LAControlNet tensor. Loading is not strict (the
+        frozen parts are not saved), so a missing trainable tensor would silently keep its
+        initial value."""
+        saved = checkpoint.get("state_dict", {})
+        missing = [
+            k for k in self.state_dict() if k.startswith(TRAINABLE_PREFIX) and k not in saved
+        ]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} LAControlNet tensor(s): {', '.join(missing[:3])}{more}"
+            )
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The LAControlNet weights in our layout (`model.io.cldm_files.load_controlnet` reads them)."""
         return self.cldm.controlnet.state_dict()

@@ -1,0 +1,281 @@
+"""Reproduce configs (configs/reproduce/*.yaml): loading and checks, the steps, the paper table.
+
+A config names the test set (`data`: a synthetic protocol of `dataset.testsets`, or a public
+folder with or without ground truth), the DiffBIR task and version, the sampling settings
+(`inference`: `PipelineOptions` fields), the evaluation settings (`evaluate`: `EvalConfig`
+fields), the metrics and the paper's numbers with their source. `load_config` checks all of it
+but the synthetic test-set settings (`dataset.testsets.TestsetConfig` checks those) and reports
+the first problem in one line naming the file; `render_table` puts the paper's row next to a
+run's. The run itself (test set, restoration, scoring) is wired by `scripts/reproduce.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from model.diffusion.latent_guidance import LatentGuidance
+from model.eval.scoring import (
+    ALL_METRICS,
+    FULL_REFERENCE,
+    LOWER_IS_BETTER,
+    EvalConfig,
+    metric_device,
+)
+from model.pipelines.options import PipelineOptions
+from model.pipelines.presets import DEFAULT_UPSCALE, TASK_CHOICES, VERSION_CHOICES
+
+DATA_KINDS = ("synthetic", "paired", "lq_only")
+CONFIG_KEYS = ("name", "title", "task", "version", "data", "inference", "metrics", "evaluate",
+               "paper")  # fmt: skip
+# data keys of the folder kinds (synthetic ones are TestsetConfig fields besides these two)
+DATA_KEYS = {"paired": ("kind", "lq", "gt", "source"), "lq_only": ("kind", "lq", "source")}
+# EvalConfig fields that the run sets itself: not allowed under `evaluate`
+EVALUATE_RESERVED = frozenset({"results", "gt", "metrics", "metric_weights_dir", "device"})
+VALUE_FORMAT = {"psnr": ".2f", "musiq": ".2f", "fid": ".2f"}  # others: 4 decimals
+
+
+class ConfigError(ValueError):
+    """A config, command line or setup that cannot be run (exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    """A checked reproduce config.
+
+    Args:
+        path: the YAML file (named in every error).
+        name, title, task, version: as in the file.
+        data: the `data` section (kind, folders or test-set settings, source).
+        options: the pipeline options of `inference` (upscale defaults to the task's).
+        inference_keys: the options the config sets, upscale always included (shown in steps).
+        evaluate: `EvalConfig` fields of the `evaluate` section.
+        metrics: metric names (`model.eval.scoring.ALL_METRICS`).
+        paper: source, values (metric -> number) and note.
+    """
+
+    path: Path
+    name: str
+    title: str
+    task: str
+    version: str
+    data: dict[str, Any]
+    options: PipelineOptions
+    inference_keys: tuple[str, ...]
+    evaluate: dict[str, Any]
+    metrics: tuple[str, ...]
+    paper: dict[str, Any]
+
+    def option_settings(self) -> dict[str, Any]:
+        """The options the config sets (validated values), in `PipelineOptions` field order."""
+        return {k: getattr(self.options, k) for k in self.inference_keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a run: its name, a note, and the settings it runs with."""
+
+    name: str
+    note: str
+    settings: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def check_keys(
+    values: Mapping[str, Any],
+    valid: Collection[str],
+    where: str,
+    kind: str,
+    reserved: Collection[str] = (),
+) -> None:
+    """ConfigError for the first key of `values` that is reserved or not in `valid`, naming the
+    closest valid key."""
+    for key in values:
+        if key in reserved:
+            raise ConfigError(f"{where}: `{key}` is set by reproduce.py")
+        if key not in valid:
+            close = difflib.get_close_matches(key, [v for v in valid if v not in reserved], n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"valid: {', '.join(valid)}"
+            raise ConfigError(f"{where}: `{key}` is not a {kind}; {hint}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _require(cfg: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = cfg.get(key)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: `{key}` missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _check_data(data: dict[str, Any], metrics: list[str], where: str) -> None:
+    kind = data.get("kind")
+    if kind not in DATA_KINDS:
+        raise ConfigError(f"{where}: data.kind must be one of {DATA_KINDS}, got {kind!r}")
+    if kind == "synthetic":
+        _require(data, "protocol", str, f"{where}: data")
+        return
+    check_keys(data, DATA_KEYS[kind], f"{where}: data", f"data key of kind {kind}")
+    _require(data, "lq", str, f"{where}: data")
+    if kind == "paired":
+        _require(data, "gt", str, f"{where}: data")
+    if kind == "lq_only" and any(m in (*FULL_REFERENCE, "fid") for m in metrics):
+        raise ConfigError(f"{where}: data without ground truth allows no-reference metrics only")
+
+
+def _pipeline_options(inference: dict[str, Any], task: str, where: str) -> PipelineOptions:
+    check_keys(inference, _field_names(PipelineOptions), where, "PipelineOptions field")
+    values = {"upscale": DEFAULT_UPSCALE[task], **inference}
+    guidance = values.get("guidance")
+    if guidance is not None and not isinstance(guidance, dict):
+        raise ConfigError(f"{where}: `guidance` must be a mapping of LatentGuidance fields")
+    if guidance is not None:
+        check_keys(guidance, _field_names(LatentGuidance), f"{where}.guidance",
+                   "LatentGuidance field")  # fmt: skip
+    if isinstance(values.get("control_scales"), list):
+        values["control_scales"] = tuple(values["control_scales"])
+    try:
+        if guidance is not None:
+            values["guidance"] = LatentGuidance(**guidance)
+        return PipelineOptions(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
+    """Read a reproduce config, apply `KEY=VALUE` overrides and check it (ConfigError)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config not found")
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_container(merged, resolve=True)
+    except Exception as e:  # omegaconf/yaml errors have many types; report one line
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a reproduce config must be a mapping")
+    where = str(path)
+    check_keys(cfg, CONFIG_KEYS, where, "reproduce config key")
+    for key in ("name", "title", "task", "version"):
+        _require(cfg, key, str, where)
+    for key, choices in (("task", TASK_CHOICES), ("version", VERSION_CHOICES)):
+        if cfg[key] not in choices:
+            raise ConfigError(f"{where}: {key} {cfg[key]!r} not in {choices}")
+    metrics = _require(cfg, "metrics", list, where)
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if not metrics or unknown:
+        raise ConfigError(f"{where}: unknown metrics {unknown}; choose from {ALL_METRICS}")
+    _check_data(_require(cfg, "data", dict, where), metrics, where)
+    paper = _require(cfg, "paper", dict, where)
+    values = paper.get("values") or {}
+    if not isinstance(values, dict) or any(
+        m not in ALL_METRICS or not isinstance(v, int | float) for m, v in values.items()
+    ):
+        raise ConfigError(f"{where}: paper.values must map metric names to numbers")
+    for section in ("inference", "evaluate"):
+        if not isinstance(cfg.get(section) or {}, dict):
+            raise ConfigError(f"{where}: `{section}` must be a mapping of fields to values")
+    inference = cfg.get("inference") or {}
+    evaluate = cfg.get("evaluate") or {}
+    check_keys(evaluate, _field_names(EvalConfig), f"{where}: evaluate", "EvalConfig field",
+               EVALUATE_RESERVED)  # fmt: skip
+    options = _pipeline_options(inference, cfg["task"], f"{where}: inference")
+    keys = tuple(k for k in _field_names(PipelineOptions) if k in inference or k == "upscale")
+    return ReproduceConfig(
+        path=path, name=cfg["name"], title=cfg["title"], task=cfg["task"],
+        version=cfg["version"], data=cfg["data"], options=options, inference_keys=keys,
+        evaluate=evaluate, metrics=tuple(metrics), paper=paper,
+    )  # fmt: skip
+
+
+def eval_config(
+    cfg: ReproduceConfig,
+    results: Path,
+    gt: Path | None,
+    device: str = "auto",
+    metric_weights_dir: Path | None = None,
+) -> EvalConfig:
+    """The scoring settings of a run: the config's metrics and `evaluate` fields."""
+    try:
+        return EvalConfig(
+            results=results, gt=gt, metrics=cfg.metrics, device=metric_device(device),
+            metric_weights_dir=metric_weights_dir, **cfg.evaluate,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.path}: evaluate: {e}") from e
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _show(value: Any) -> str:
+    """A setting as text; strings that are empty or hold spaces are quoted (prompts)."""
+    if isinstance(value, bool) or (isinstance(value, str) and (not value or " " in value)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def format_steps(steps: Sequence[Step]) -> str:
+    """Numbered steps, each followed by its settings (`key: value`, None ones left out)."""
+    lines = []
+    for i, step in enumerate(steps, 1):
+        lines.append(f"{i}. {step.name}" + (f" ({step.note})" if step.note else ""))
+        lines += [f"     {k}: {_show(v)}" for k, v in step.settings.items() if v is not None]
+    return "\n".join(lines)
+
+
+def _format(metric: str, value: Any) -> str:
+    if isinstance(value, str):  # inf/nan as written in summary.json
+        return value
+    return f"{value:{VALUE_FORMAT.get(metric, '.4f')}}" if value is not None else "–"
+
+
+def run_label(cfg: ReproduceConfig) -> str:
+    """'this run (v2; upscale 4, sampler spaced, steps 50, ...)' from the key options."""
+    o = cfg.options
+    return (
+        f"this run ({cfg.version}; upscale {o.upscale:g}, sampler {o.sampler}, steps {o.steps}, "
+        f"cfg_scale {o.cfg_scale:g}, seed {o.seed})"
+    )
+
+
+def render_table(cfg: ReproduceConfig, summary: Mapping[str, Any], steps: Sequence[Step]) -> str:
+    """Markdown: the paper's row and this run's, where the numbers come from, and the steps."""
+    values = cfg.paper.get("values") or {}
+    means = summary.get("means", {})
+    arrow = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in cfg.metrics}
+    lines = [
+        f"## {cfg.title}",
+        "",
+        "| | " + " | ".join(f"{m.upper()}{arrow[m]}" for m in cfg.metrics) + " |",
+        "|---|" + "---|" * len(cfg.metrics),
+        "| DiffBIR, paper | " + " | ".join(str(values.get(m, "–")) for m in cfg.metrics) + " |",
+        f"| {run_label(cfg)} | " + " | ".join(_format(m, means.get(m)) for m in cfg.metrics) + " |",
+        "",
+    ]
+    source = cfg.paper.get("source")
+    if values and source:
+        lines.append(f"- paper numbers: {source}")
+    else:
+        # an empty row, never a guess: the config holds only numbers read in the paper
+        lines.append("- paper numbers: none in the config (see the note)")
+    if cfg.paper.get("note"):
+        lines.append(f"- note: {cfg.paper['note']}")
+    counts = ", ".join(f"{m} {n}" for m, n in summary.get("counts", {}).items())
+    lines.append(f"- images: {summary.get('images', 0)}; scored per metric: {counts}")
+    lines += [f"- error: {message}" for message in summary.get("errors", {}).values()]
+    if summary.get("missing_gt"):
+        lines.append(f"- no ground truth for: {', '.join(summary['missing_gt'])}")
+    lines += ["", "Steps:", "", "```text", format_steps(steps), "```", ""]
+    return "\n".join(lines)
