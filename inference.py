@@ -36,11 +36,13 @@ from model.io.folder_jobs import (
     make_jobs,
 )
 from model.io.images import QUANTIZE_MODES
+from model.io.logs import setup_logging
 from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
 from model.nets.stage1 import STAGE1_MODELS
 from model.ops.color_fix import COLOR_FIX_MODES
 from model.ops.device import PRECISIONS
 from model.ops.sizing import RESIZES
+from model.ops.tiling import TILE_WEIGHTS
 from model.pipelines.faces import DETECTION_MODELS
 from model.pipelines.folder_run import FolderRunner, run_record
 from model.pipelines.loading import load_pretrained_task
@@ -153,6 +155,7 @@ def _add_tiling_args(p: argparse.ArgumentParser) -> None:
     for stage, what in (("stage1", "stage-1 input"), ("vae-encoder", "VAE encoder"), ("vae-decoder", "VAE decoder"), ("diffusion", "diffusion")):
         t.add_argument(f"--{stage}-tile-size", type=int, default=None, help=f"{what} tile size")
         t.add_argument(f"--{stage}-tile-stride", type=int, default=None, help=f"{what} tile stride (default half a tile)")
+    t.add_argument("--tile-weights", choices=TILE_WEIGHTS, default="symmetric", help="Gaussian weights of the diffusion tiles: symmetric, or the original's (half a pixel off-centre in y)")
     t.add_argument("--diffusion-tile-batch", type=int, default=1, help="diffusion tiles per network call")
 # fmt: on
 
@@ -173,7 +176,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         control_scales=args.control_scales, control_start=args.control_start,
         control_end=args.control_end,
         guidance=guidance, color_fix=args.color_fix, seed=args.seed,
-        diffusion_tile_batch_size=args.diffusion_tile_batch, **tiles,
+        diffusion_tile_batch_size=args.diffusion_tile_batch, tile_weights=args.tile_weights, **tiles,
     )  # fmt: skip
 
 
@@ -218,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     if args.save_faces and args.task != FACE_BACKGROUND:
         parser.error(f"--save-faces needs --task {FACE_BACKGROUND}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    setup_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         options = options_from_args(args)
         files, root, captions = collect_inputs(args.input, args.output)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
+from model.io.logs import setup_logging
 from model.train.export import ExportWeights
 from model.train.instantiate import instantiate
 
@@ -75,7 +76,7 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(logging.INFO, "%(asctime)s %(name)s: %(message)s")
     # The DataModule's sampler restores the data position itself (Lightning cannot see that).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     args = parse_args(argv)
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             every_n_train_steps=ckpt_cfg.get("every_n_train_steps", 1000),
             save_top_k=-1,
             save_last=True,
+            # a resumed run (also one moved to another folder) updates last.ckpt instead of
+            # writing last-v1.ckpt, which `--resume last` would never pick up
+            enable_version_counter=False,
         ),
         LearningRateMonitor(logging_interval="step"),
         ExportWeights(dirpath=output_dir / "weights", prefix=cfg.get("export_prefix", "network")),

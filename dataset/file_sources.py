@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.io.images import IMAGE_EXTENSIONS
+from model.io.file_lists import list_image_files, read_file_list, resolve_path
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 
@@ -67,36 +67,6 @@ class ImageList:
         return tuple(column[i] for column in self._captions)
 
 
-def _resolve(path: str, root: Path) -> str:
-    p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() else root / p)
-
-
-def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Image files (by extension, case-insensitive) under `folder`, sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    pattern = "**/*" if recursive else "*"
-    files = (p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return sorted(str(p) for p in files if p.is_file())
-
-
-def read_file_list(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Parse a file list; returns (paths, captions), captions "" where a line has none."""
-    path = Path(path)
-    paths, captions = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            file, _, caption = line.partition("\t")
-            paths.append(_resolve(file.strip(), path.parent))
-            captions.append(caption.strip())
-    return paths, captions
-
-
 def read_table(
     path: str | os.PathLike,
     path_column: str = "image_path",
@@ -117,7 +87,7 @@ def read_table(
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; the table has {list(df.columns)}")
-    paths = [_resolve(str(p), path.parent) for p in df[path_column]]
+    paths = [resolve_path(str(p), path.parent) for p in df[path_column]]
     captions = [[str(v) for v in df[c].fillna("")] for c in caption_columns]
     return paths, captions
 

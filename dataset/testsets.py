@@ -44,8 +44,8 @@ from omegaconf import OmegaConf
 
 from dataset.batch_transform import RealESRGANBatchTransform, SecondOrderParams
 from dataset.degradations import CodeformerDegradation
-from dataset.file_sources import list_image_files
 from dataset.realesrgan import RealESRGANKernels
+from model.io.file_lists import list_image_files
 from model.io.images import ImageReadError, read_image, write_image
 
 log = logging.getLogger(__name__)

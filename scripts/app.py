@@ -36,6 +36,7 @@ from model.diffusion.callbacks import SamplingStopped
 from model.diffusion.latent_guidance import LatentGuidance
 from model.diffusion.samplers import SAMPLERS
 from model.io.images import ImageReadError, decode_image, write_image
+from model.io.logs import setup_logging
 from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
 from model.ops.color_fix import COLOR_FIX_MODES
 from model.ops.device import PRECISIONS
@@ -456,10 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, build the UI and serve it until interrupted; 2 when it cannot start."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.INFO if args.verbose else logging.WARNING)
     checkpoints = {role: getattr(args, f"{role}_ckpt") for role in ROLES}
     config = AppConfig(
         weights_dir=args.weights_dir,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from model.convert.sd import sd_builders
 from model.diffusion.samplers import SAMPLERS
 from model.io.checkpoint import WeightFileError
+from model.io.logs import setup_logging
 from model.io.weights import MissingWeightsError
 from model.nets.cldm import ControlLDM
 from model.nets.lacontrolnet import build_lacontrolnet
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0, or 1 when weights are missing or a size ran out of memory."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.repeat < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--repeat and --threads must be >= 1, --warmup >= 0")
     if args.weights_dir is not None and not args.weights_dir.is_dir():

@@ -13,7 +13,6 @@ original layout, anything else (`.ckpt`, `.pth`, `.pt`) to ours.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from model.io.cldm_files import (
     save_sd,
     sd_state_to_ours,
 )
+from model.io.logs import setup_logging
 from model.nets.lacontrolnet import build_lacontrolnet
 from model.nets.swinir import (
     SwinIR,
@@ -165,7 +165,7 @@ def to_original(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         if args.input.suffix == ".safetensors":
             to_original(args)

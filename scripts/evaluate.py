@@ -12,7 +12,6 @@ from pyiqa, reading weights from `--metric-weights-dir` (torch-hub layout) when 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from model.eval.scoring import (
     evaluate_folder,
     metric_device,
 )
+from model.io.logs import setup_logging
 
 
 def _metric_list(text: str) -> tuple[str, ...]:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate a results folder; returns 0, or 1 when a metric or the input failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     for flag, folder in (
         ("--results", args.results),
         ("--gt", args.gt),

@@ -12,7 +12,8 @@ import os
 import random
 from pathlib import Path
 
-from dataset.file_sources import list_image_files
+from model.io.file_lists import list_image_files
+from model.io.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _write(path: Path, files: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(logging.INFO, "%(message)s")
     files: list[str] = []
     for folder in args.folders:
         if not Path(folder).is_dir():

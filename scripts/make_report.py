@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from model.eval.report import ReportConfig, build_report
+from model.io.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """Write the report; returns 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     columns = [("LQ", args.lq), ("stage 1", args.stage1), *args.method, ("GT", args.gt)]
     columns = [(title, folder) for title, folder in columns if folder is not None]
     if not columns:

@@ -25,6 +25,7 @@ from model.convert.controlnet import controlnet_state_to_original
 from model.convert.sd import sd21_cldm_cfg
 from model.io.checkpoint import WeightFileError
 from model.io.cldm_files import read_sd_original, save_controlnet
+from model.io.logs import setup_logging
 from model.nets.lacontrolnet import lacontrolnet_from_unet
 from model.nets.unet import build_unet
 
@@ -79,7 +80,7 @@ def load_unet(path: Path, cfg: dict) -> UNet2DConditionModel:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     try:
         if args.config is not None and not args.config.is_file():
             raise WeightFileError(f"{args.config}: config file not found")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dataset.testsets import CROPS, PROTOCOLS, TestsetConfig, make_testset
+from model.io.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """Create a test set; returns 0, or 1 when a source image was skipped or none was found."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if not args.gt.is_dir():
         parser.error(f"--gt {args.gt}: not a folder")
     for sub in ("gt", "lq"):

@@ -35,6 +35,7 @@ from torch import nn
 from model.convert.cldm import original_params
 from model.convert.controlnet import controlnet_state_to_original
 from model.convert.sd import build_sd_modules, sd_states_to_original
+from model.io.logs import setup_logging
 from model.io.weights import REGISTRY
 from model.nets.lacontrolnet import build_lacontrolnet
 from model.nets.swinir import SwinIR
@@ -246,7 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         cldm_cfg = None if args.cldm_config is None else read_yaml(args.cldm_config)
         swinir_cfg = None if args.swinir_config is None else read_yaml(args.swinir_config)

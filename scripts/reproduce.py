@@ -2,8 +2,9 @@
 
 A config under configs/reproduce/ (read and checked by `model.eval.reproduce`) names the test
 set, the DiffBIR task and version, the sampling settings (`inference`: `PipelineOptions`
-fields), the evaluation settings (`evaluate`: `EvalConfig` fields), the metrics and the paper's
-numbers with their source. The steps, each a library call (see --dry-run):
+fields), the evaluation settings (`evaluate`: `EvalConfig` fields), the metrics, the paper's
+numbers with their source and third-party re-measurements (`reference`, each with its source and
+protocol). The steps, each a library call (see --dry-run):
 
 1. make the test set under OUT/testset with `dataset.testsets` (synthetic configs; reused when
    its meta.json records the same settings and source),
@@ -11,14 +12,16 @@ numbers with their source. The steps, each a library call (see --dry-run):
    runner that inference.py uses (finished images are skipped on a rerun),
 3. score OUT/restored into OUT/eval with `model.eval.scoring` (metrics.csv, summary.json,
    summary.md),
-4. write OUT/table.md: the paper's row next to this run's, then the steps and their settings.
+4. write OUT/table.md: the paper's row (when the config has its numbers) and each reference row
+   next to this run's, then the steps and their settings.
 
     python -m scripts.reproduce --config configs/reproduce/bsr_synthetic_div2k.yaml \\
         --data data/DIV2K_valid_HR --out results/bsr_synthetic_div2k
-    python -m scripts.reproduce --config ... --data ... --out ... --dry-run   # print the steps
+    python -m scripts.reproduce --config ... --data ... --out ... --dry-run   # table + steps
     python -m scripts.reproduce ... --set inference.steps=20 --set version=v2.1   # overrides
 
-`--set KEY=VALUE` changes any config entry (dotted path, YAML value) before the run.
+`--dry-run` prints the table with this run's cells empty ("—") and the steps, and writes
+nothing. `--set KEY=VALUE` changes any config entry (dotted path, YAML value) before the run.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ from model.eval.reproduce import (
     Step,
     check_keys,
     eval_config,
-    format_steps,
     load_config,
     render_table,
 )
 from model.eval.scoring import EvalConfig, evaluate_folder
 from model.io.checkpoint import WeightFileError
 from model.io.folder_jobs import OutputSettings, collect_inputs, make_jobs
+from model.io.logs import setup_logging
 from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
 from model.pipelines.folder_run import FolderRunner, run_record
 from model.pipelines.loading import load_pretrained_task
@@ -144,7 +147,7 @@ def plan(
     score = {f.name: getattr(scoring, f.name) for f in dataclasses.fields(scoring)}
     steps.append(Step("evaluate", "", {**score, "out": opts.eval_dir}))
     steps.append(
-        Step("table", "the paper's row next to this run's", {"out": opts.out / "table.md"})
+        Step("table", "paper and reference rows next to this run's", {"out": opts.out / "table.md"})
     )
     return steps
 
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-weights-dir", type=Path, help="pyiqa weights folder")
     set_help = "override a config entry, e.g. inference.steps=20 (repeatable)"
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
-    p.add_argument("--dry-run", action="store_true", help="print the steps and stop")
+    dry_help = "print the table (this run's cells empty) and the steps, and stop"
+    p.add_argument("--dry-run", action="store_true", help=dry_help)
     return p
 
 
@@ -240,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Reproduce one table; returns 0, 1 when some images or metrics failed, 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     overrides = list(args.set)
@@ -265,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scoring = eval_config(cfg, opts.restored, gt, opts.device, opts.metric_weights_dir)
         steps = plan(cfg, opts, testset, scoring)
         if args.dry_run:
-            print(format_steps(steps))
+            print(render_table(cfg, None, steps))
             return 0
         if not args.data.is_dir():
             raise ConfigError(f"--data {args.data}: not a folder")

@@ -78,3 +78,11 @@ def test_brownian_noise_is_consistent_and_unit_normal() -> None:
     assert torch.allclose(whole * 8**0.5, first * 5**0.5 + second * 3**0.5, atol=1e-5)
     assert abs(float(first.std()) - 1) < 0.05 and abs(float(torch.corrcoef(
         torch.stack([first.flatten(), second.flatten()]))[0, 1])) < 0.06  # fmt: skip
+
+
+def test_eps_schedule_starts_at_its_own_sigma_max() -> None:
+    # The original would clamp ᾱ[999] = 0.0047 to 1e-8 (σ = 1e4); ours keeps σ = 14.6.
+    diffusion = ref.diffusion_for("sd21_eps")
+    sigmas = EDMSampler("dpm++_2m", diffusion).schedule(10)[0]
+    ab = diffusion.alphas_cumprod[-1]
+    assert sigmas[0] == pytest.approx(((1 - ab) / ab) ** 0.5) and 14 < sigmas[0] < 15

@@ -18,29 +18,20 @@ from model.diffusion.latent_guidance import LatentGuidance
 from model.diffusion.samplers import SAMPLERS
 from model.io.weights import REGISTRY
 from model.nets.stage1 import Stage1Model
+from model.ops.color_fix import color_fix
 from model.ops.sizing import short_side_size
 from model.pipelines import options as pipeline_options
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.loading import load_pipeline
 from model.pipelines.options import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT, PipelineOptions
 from model.pipelines.presets import TASKS, VERSIONS, build_diffusion, model_spec, read_model_config
-from scripts.make_tiny_weights import write_tiny_weights
 
 FAST = PipelineOptions(upscale=2, min_short_side=32, steps=2)
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_weights")
-    write_tiny_weights(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_weights: Path) -> DiffBIRPipeline:
-    spec = model_spec("v2.1", "sr", read_model_config(tiny_weights / "tiny_config.yaml"))
-    paths = {role: tiny_weights / REGISTRY[name].filename for role, name in spec.weights.items()}
-    return load_pipeline(spec, paths, device="cpu", precision="fp32")
+def pipe(tiny_pipe: DiffBIRPipeline) -> DiffBIRPipeline:
+    return tiny_pipe  # conftest: session-scoped, on the session's tiny weights
 
 
 def _lq(seed: int = 0, h: int = 16, w: int = 24, batch: int = 1) -> torch.Tensor:
@@ -54,9 +45,20 @@ def _restore(pipe: DiffBIRPipeline, lq: torch.Tensor, **changes) -> torch.Tensor
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_runs_and_is_deterministic(pipe: DiffBIRPipeline, sampler: str) -> None:
     lq = _lq()
-    first = _restore(pipe, lq, sampler=sampler, seed=7)
+    options = dataclasses.replace(FAST, sampler=sampler, seed=7)
+    latents = []
+    first = pipe.restore(lq, options, callback=lambda step, t, z: latents.append(z)).images
     assert first.shape == (1, 3, 32, 48)
-    assert torch.isfinite(first).all() and first.min() >= 0 and first.max() <= 1
+    # one report per step; diffusers' Heun reports each of its 2·steps − 1 scheduler timesteps
+    assert len(latents) == (3 if sampler == "heun" else 2)
+    # The output is the sampler's final latent, decoded, colour-fixed against the stage-1 image
+    # and only then clamped: rebuild the unclamped image from the last step's latent. (The
+    # clamp alone would hide a wrong value range or a latent that is not the sampler's result.)
+    decoded = (pipe.cldm.vae_decode(latents[-1])[..., :32, :48] + 1) / 2
+    unclamped = color_fix(decoded, pipe.run_stage1(lq, options), "wavelet")
+    torch.testing.assert_close(first, unclamped.clamp(0, 1), atol=1e-5, rtol=0)
+    # a restored image, not a saturated or flat one (random weights: ~10% of pixels clipped)
+    assert ((unclamped < 0) | (unclamped > 1)).float().mean() < 0.3 and unclamped.std() > 0.05
     torch.testing.assert_close(_restore(pipe, lq, sampler=sampler, seed=7), first, atol=0, rtol=0)
     assert not torch.equal(_restore(pipe, lq, sampler=sampler, seed=8), first)
 

@@ -328,7 +328,7 @@ def test_tiled_diffusion_crops_the_condition_with_each_tile(
         return torch.tanh(0.6 * x - 5.0 * cond["c_img"]) + 0.05 * text + 1e-4 * t.view(-1, 1, 1, 1)
 
     monkeypatch.setattr(tiny_pipe.cldm, "forward", per_pixel)
-    lq = _lq(8, 48, 60)  # ×2 = 96×120, padded 128×128: a 16×16 latent, 3×3 tiles of 8
+    lq = _lq(8, 64, 64)  # ×2 = 128×128 (no padding, tiled or not): 16×16 latent, 3×3 tiles of 8
     options = dataclasses.replace(FAST, sampler="spaced", color_fix="none")
     latents: dict[str, torch.Tensor] = {}
 

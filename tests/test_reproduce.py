@@ -23,6 +23,12 @@ from scripts.reproduce import main
 
 CONFIGS = sorted(Path("configs/reproduce").glob("*.yaml"))
 DIV2K = Path("configs/reproduce/bsr_synthetic_div2k.yaml")
+OSEDIFF = "DiffBIR-s50, re-measured by OSEDiff (Table 1)"
+TSDSR = "DiffBIR-s50, re-measured by TSD-SR (multi-step table)"
+OURS = "this run (v2; upscale 4, sampler spaced, steps 50, cfg_scale 4, seed 231)"
+# the run's metrics, then those only a reference reports (* computable, † not implemented)
+COLUMNS = ["PSNR↑", "SSIM↑", "LPIPS↓", "MUSIQ↑", "MANIQA↑", "CLIPIQA↑", "DISTS↓†", "FID↓*",
+           "NIQE↓*"]  # fmt: skip
 
 
 def _gt_folder(root: Path) -> Path:
@@ -57,6 +63,16 @@ def _steps(text: str) -> dict[str, dict[str, str]]:
     return steps
 
 
+def _table(text: str) -> dict[str, dict[str, str]]:
+    """The printed table as {row label: {column header: cell}}; the header row under ""."""
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
+            if ln.startswith("| ")]  # fmt: skip
+    header = rows[0][1:]
+    return {"": dict(zip(header, header, strict=True))} | {
+        row[0]: dict(zip(header, row[1:], strict=True)) for row in rows[1:]
+    }
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_plans(path: Path, tmp_path: Path, capsys) -> None:
     cfg = load_config(path)
@@ -71,6 +87,7 @@ def test_every_config_loads_and_plans(path: Path, tmp_path: Path, capsys) -> Non
     assert cfg.evaluate == {"crop_border": 4}
     # numbers in the paper column only together with their source
     assert not cfg.paper["values"] or cfg.paper["source"]
+    assert all(r["source"] and r["protocol"] and r["values"] for r in cfg.reference)
     argv = ["--config", str(path), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--dry-run"]) == 0
     steps = _steps(capsys.readouterr().out)
@@ -143,13 +160,23 @@ def test_end_to_end_on_tiny_weights(tiny_weights: Path, tmp_path: Path, capsys) 
     table = (out / "table.md").read_text()
     assert table in capsys.readouterr().out  # printed as well
     rows = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert rows[0] == "| | PSNR↑ | SSIM↑ |"
-    assert rows[1] == "| DiffBIR, paper | – | – |"
-    ours = rows[2].split(" | ")
-    assert ours[0] == "| this run (v2.1; upscale 4, sampler spaced, steps 1, cfg_scale 4, seed 231)"
-    assert ours[1] == f"{summary['means']['psnr']:.2f}"
-    assert ours[2].rstrip(" |") == f"{summary['means']['ssim']:.4f}"
+    # --metrics psnr,ssim: the other metrics the references report follow, marked
+    assert rows[0] == (
+        "| | PSNR↑ | SSIM↑ | LPIPS↓* | DISTS↓† | FID↓* | NIQE↓* | MUSIQ↑* | MANIQA↑* | CLIPIQA↑* |"
+    )
+    cells = _table(table)
+    assert list(cells)[1:] == [  # no paper row: the config has no paper numbers
+        OSEDIFF,
+        TSDSR,
+        "this run (v2.1; upscale 4, sampler spaced, steps 1, cfg_scale 4, seed 231)",
+    ]
+    ours = cells[list(cells)[-1]]
+    assert ours["PSNR↑"] == f"{summary['means']['psnr']:.2f}"
+    assert ours["SSIM↑"] == f"{summary['means']['ssim']:.4f}"
+    assert [v for k, v in ours.items() if k not in ("PSNR↑", "SSIM↑")] == ["—"] * 7
+    assert cells[OSEDIFF]["PSNR↑"] == "23.64" and cells[OSEDIFF]["LPIPS↓*"] == "0.3524"
     assert "paper numbers: none in the config" in table and "note: Not found:" in table
+    assert "not run yet" not in table and "- images: 2; scored per metric: psnr 2, ssim 2" in table
     steps = _steps(table)
     assert steps["restore"]["steps"] == "1" and steps["restore"]["version"] == "v2.1"
 
@@ -192,7 +219,11 @@ def test_paired_data_with_paper_numbers(tiny_weights: Path, tmp_path: Path) -> N
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["images"] == 1 and summary["missing_gt"] == []
     table = (out / "table.md").read_text()
-    assert "| DiffBIR, paper | 12.34 | – |" in table
+    cells = _table(table)
+    assert list(cells)[1] == "DiffBIR, paper"  # first, above the references
+    assert cells["DiffBIR, paper"]["PSNR↑"] == "12.34"
+    assert set(list(cells["DiffBIR, paper"].values())[1:]) == {"—"}
+    assert cells[OSEDIFF]["PSNR↑"] == "24.75" and cells[TSDSR]["MUSIQ↑*"] == "68.35"
     assert "paper numbers: Table 9 of a test" in table
     # --overwrite restores the finished image again (same seed: same pixels)
     restored = out / "restored" / "x.png"
@@ -238,3 +269,99 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, capsys) -> None:
         assert message in err and err.count("\n") == 1, (extra, err)
     assert main(["--config", str(DIV2K), "--data", str(tmp_path / "missing"), "--out", "o"]) == 2
     assert "missing: not a folder" in capsys.readouterr().err
+
+
+# Values copied from /work/shared/reference/numbers.md (OSEDiff Table 1, TSD-SR's table), as
+# printed there: the table must show each under its own metric, with the printed decimals.
+EXPECTED = {
+    "bsr_synthetic_div2k": {
+        OSEDIFF: {"PSNR↑": "23.64", "SSIM↑": "0.5647", "MANIQA↑": "0.6210", "DISTS↓†": "0.2128",
+                  "FID↓*": "30.72", "NIQE↓*": "4.7042"},
+        TSDSR: {"LPIPS↓": "0.3469", "FID↓*": "33.93", "PSNR↑": "—", "MUSIQ↑": "—"},
+    },
+    "bsr_real_drealsr": {
+        OSEDIFF: {"SSIM↑": "0.6571", "LPIPS↓": "0.4557", "MANIQA↑": "0.5930", "FID↓*": "166.79"},
+        TSDSR: {"LPIPS↓": "0.4518", "FID↓*": "177.04", "CLIPIQA↑": "—"},
+    },
+    "bsr_real_realsr": {
+        OSEDIFF: {"PSNR↑": "24.75", "LPIPS↓": "0.3636", "CLIPIQA↑": "0.6463", "NIQE↓*": "5.5346"},
+        TSDSR: {"MUSIQ↑": "68.35", "MANIQA↑": "0.6544", "CLIPIQA↑": "0.6961", "SSIM↑": "—"},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dry_run_table_shows_reference_rows_beside_empty_ours(
+    name: str, tmp_path: Path, capsys
+) -> None:
+    path = Path(f"configs/reproduce/{name}.yaml")
+    argv = ["--config", str(path), "--data", "d", "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    cells = _table(out)
+    assert list(cells) == ["", OSEDIFF, TSDSR, OURS]  # no paper row: no paper numbers
+    assert list(cells[""]) == COLUMNS
+    for label, expected in EXPECTED[name].items():
+        assert {k: cells[label][k] for k in expected} == expected, label
+    assert set(cells[OURS].values()) == {"—"}  # not run yet
+    assert "- this run: not run yet (dry run)" in out and "- images:" not in out
+    # where the numbers come from, exactly as numbers.md gives it, and the markers explained
+    assert "repository cswry/OSEDiff, `asserts/tab_main.png` (commit fcc4f09)" in out
+    assert "repository Microtreei/TSD-SR, `assets/multi_step.png` (commit e901821)" in out
+    assert "- *: not among this run's metrics" in out and "- †: not implemented" in out
+    assert list(_steps(out))[-1] == "table" and not (tmp_path / "o").exists()
+
+
+def test_reference_numbers_keep_their_digits_and_columns(tmp_path: Path, capsys) -> None:
+    """A value with more digits than the column's format is shown as written; a metric the run
+    scores gets its column without a marker; a paper row appears above the references."""
+    sets = ["--set", "reference.0.values.ssim=0.12345", "--set", "metrics=[psnr,ssim,fid]",
+            "--set", "paper.source=Table 1 of a test", "--set", "paper.values.psnr=20"]  # fmt: skip
+    argv = ["--config", str(DIV2K), "--data", "d", "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main([*argv, *sets]) == 0
+    cells = _table(capsys.readouterr().out)
+    assert list(cells[""]) == ["PSNR↑", "SSIM↑", "FID↓", "LPIPS↓*", "DISTS↓†", "NIQE↓*",
+                               "MUSIQ↑*", "MANIQA↑*", "CLIPIQA↑*"]  # fmt: skip
+    assert list(cells)[1] == "DiffBIR, paper" and cells["DiffBIR, paper"]["PSNR↑"] == "20.00"
+    assert cells[OSEDIFF]["SSIM↑"] == "0.12345" and cells[OSEDIFF]["FID↓"] == "30.72"
+    assert cells[OSEDIFF]["LPIPS↓*"] == "0.3524" and cells[TSDSR]["FID↓"] == "33.93"
+
+
+def test_bad_reference_entry_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    cfg = yaml.safe_load(DIV2K.read_text())
+    del cfg["reference"][1]["source"]
+    no_source = tmp_path / "no_source.yaml"
+    no_source.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    cfg["reference"][0]["values"] = {}
+    no_values = tmp_path / "no_values.yaml"
+    no_values.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    cfg["reference"] = {"label": "x"}
+    not_a_list = tmp_path / "not_a_list.yaml"
+    not_a_list.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    cases = [
+        (no_source, [], f"{no_source}: reference[1]: `source` missing or not a one-line string"),
+        (not_a_list, [], f"{not_a_list}: `reference` must be a list of entries"),
+        (DIV2K, ["reference.0.values.ssim=0.56x"],
+         f"{DIV2K}: reference[0].values.ssim: '0.56x' is not a number"),
+        (DIV2K, ["reference.1.values.fid=true"],
+         f"{DIV2K}: reference[1].values.fid: True is not a number"),
+        (DIV2K, ["reference.0.values.lpip=1"],
+         f"{DIV2K}: reference[0].values: `lpip` is not a metric name; did you mean `lpips`?"),
+        (DIV2K, ["reference.0.protocol="],
+         f"{DIV2K}: reference[0]: `protocol` missing or not a one-line string"),
+        (DIV2K, ["reference.0.labl=x"], f"{DIV2K}: reference[0]: `labl` is not a reference key"),
+        (DIV2K, ["reference.1.label=DiffBIR-s50, re-measured by OSEDiff (Table 1)"],
+         f"{DIV2K}: reference[1]: label 'DiffBIR-s50, re-measured by OSEDiff (Table 1)' used"),
+        (no_values, [], f"{no_values}: reference[0]: `values` missing or not a mapping"),
+        (DIV2K, ["reference.1.values=null"], f"{DIV2K}: reference[1]: `values` missing or not"),
+        (DIV2K, ["paper.values.psnr=1"], f"{DIV2K}: paper.values need `paper.source`"),
+        (DIV2K, ["reference.0.values.ssim"], f"{DIV2K}: override 'reference.0.values.ssim' is not"),
+        (DIV2K, ["reference.7.source=x"], f"{DIV2K}: "),
+        (DIV2K, ["paper.values.ssim=high", "paper.source=x"],
+         f"{DIV2K}: paper.values.ssim: 'high' is not a number"),
+    ]  # fmt: skip
+    for path, sets, message in cases:
+        argv = ["--config", str(path), "--data", "d", "--out", str(tmp_path / "o"), "--dry-run"]
+        assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2, (path, sets)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, (sets, err)

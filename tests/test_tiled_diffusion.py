@@ -168,7 +168,7 @@ def original_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     y midpoint (the original's h/2 against our symmetric (h−1)/2): see the next test."""
     weights = tensors()["tiles/gaussian_weights/w16_h16/weights"].float()
 
-    def fixture_weights(h: int, w: int, device=None) -> torch.Tensor:
+    def fixture_weights(h: int, w: int, device=None, *_) -> torch.Tensor:
         assert (h, w) == (16, 16)
         return weights.to(device)
 

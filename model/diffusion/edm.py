@@ -2,7 +2,8 @@
 
 Sigma schedule ("original", the default, as DiffBIR's `EDMSampler.make_schedule`):
 timesteps = int(linspace(T − 1, 0, steps, endpoint=False)), ᾱ read at them with the first one
-(t = T − 1) clamped to 1e-8, σ = sqrt((1 − ᾱ)/ᾱ), then a final σ = 0 at timestep 0. "karras"
+(t = T − 1) raised to 1e-8 when it is smaller (zero SNR; the original also lowers a larger one
+to 1e-8), σ = sqrt((1 − ᾱ)/ᾱ), then a final σ = 0 at timestep 0. "karras"
 and "exponential" (Karras et al. 2022) span the same σ range instead.
 
 The denoiser at σ feeds the network the VP latent z = x/sqrt(1 + σ²) at the timestep of the
@@ -42,7 +43,9 @@ def original_sigmas(alphas_cumprod: np.ndarray, steps: int) -> tuple[np.ndarray,
     """(sigmas, timesteps) of the original rule, both `steps + 1` long (last σ 0, t 0)."""
     timesteps = np.linspace(len(alphas_cumprod) - 1, 0, steps, endpoint=False).astype(int)
     ab = alphas_cumprod[timesteps].copy()
-    ab[0] = FIRST_ALPHA_CUMPROD
+    # The original sets ᾱ to 1e-8 here for every schedule; only a zero-SNR one needs it (on
+    # SD 2.1's ε schedule it would start at σ = 1e4 instead of 14.6, see the README).
+    ab[0] = max(ab[0], FIRST_ALPHA_CUMPROD)
     sigmas = np.sqrt((1 - ab) / ab)
     return np.append(sigmas, 0.0), np.append(timesteps, 0)
 

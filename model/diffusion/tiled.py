@@ -32,7 +32,7 @@ def _tile_cond(cond: Any, boxes: list[tuple[int, int, int, int]]) -> Any:
     tiled = {}
     for key, value in cond.items():
         if key in SPATIAL_KEYS:
-            tiled[key] = torch.cat([value[..., x0:x1, y0:y1] for y0, y1, x0, x1 in boxes])
+            tiled[key] = torch.cat([value[..., y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
         elif isinstance(value, torch.Tensor):
             tiled[key] = torch.cat([value] * len(boxes))
         else:
@@ -46,6 +46,7 @@ def tiled_model_fn(
     tile_stride: int,
     tile_batch_size: int = 1,
     progress: bool = False,
+    weights: str = "symmetric",
 ) -> ModelFn:
     """Wrap a network so that it runs on overlapping tiles of the latent.
 
@@ -57,6 +58,7 @@ def tiled_model_fn(
             tile of a row/column ends at the border.
         tile_batch_size: tiles stacked into one network call (batch B·n).
         progress: show a tqdm bar over the tiles of each call.
+        weights: Gaussian tile weights, "symmetric" or "original" (`gaussian_weights`).
 
     When one tile covers the latent the wrapper returns model_fn(z_t, t, cond) itself;
     otherwise the Gaussian-weighted mean of the tile outputs (accumulated in float32).
@@ -77,7 +79,7 @@ def tiled_model_fn(
             for x in tile_starts(w, tw, tile_stride)
         ]
         batch = z_t.shape[0]
-        weights = gaussian_weights(th, tw, z_t.device)  # (th, tw) float32, > 0
+        tile_weights = gaussian_weights(th, tw, z_t.device, weights)  # (th, tw) float32, > 0
         acc = torch.zeros(z_t.shape, dtype=torch.float32, device=z_t.device)
         weight_sum = torch.zeros((h, w), dtype=torch.float32, device=z_t.device)
         chunks = [boxes[i : i + tile_batch_size] for i in range(0, len(boxes), tile_batch_size)]
@@ -85,8 +87,8 @@ def tiled_model_fn(
             z_tiles = torch.cat([z_t[..., y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
             out = model_fn(z_tiles, t.repeat(len(chunk)), _tile_cond(cond, chunk))
             for (y0, y1, x0, x1), out_tile in zip(chunk, out.split(batch), strict=True):
-                acc[..., y0:y1, x0:x1] += out_tile.float() * weights
-                weight_sum[y0:y1, x0:x1] += weights
+                acc[..., y0:y1, x0:x1] += out_tile.float() * tile_weights
+                weight_sum[y0:y1, x0:x1] += tile_weights
         return (acc / weight_sum).to(out.dtype)
 
     return tiled

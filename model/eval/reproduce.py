@@ -3,10 +3,12 @@
 A config names the test set (`data`: a synthetic protocol of `dataset.testsets`, or a public
 folder with or without ground truth), the DiffBIR task and version, the sampling settings
 (`inference`: `PipelineOptions` fields), the evaluation settings (`evaluate`: `EvalConfig`
-fields), the metrics and the paper's numbers with their source. `load_config` checks all of it
-but the synthetic test-set settings (`dataset.testsets.TestsetConfig` checks those) and reports
-the first problem in one line naming the file; `render_table` puts the paper's row next to a
-run's. The run itself (test set, restoration, scoring) is wired by `scripts/reproduce.py`.
+fields), the metrics, the paper's numbers with their source (`paper`) and third-party
+re-measurements of DiffBIR with their source and protocol (`reference`). `load_config` checks all
+of it but the synthetic test-set settings (`dataset.testsets.TestsetConfig` checks those) and
+reports the first problem in one line naming the file; `render_table` puts the paper's row (when
+it has numbers) and each reference row next to a run's, or next to empty cells before a run. The
+run itself (test set, restoration, scoring) is wired by `scripts/reproduce.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +36,21 @@ from model.pipelines.presets import DEFAULT_UPSCALE, TASK_CHOICES, VERSION_CHOIC
 
 DATA_KINDS = ("synthetic", "paired", "lq_only")
 CONFIG_KEYS = ("name", "title", "task", "version", "data", "inference", "metrics", "evaluate",
-               "paper")  # fmt: skip
+               "paper", "reference")  # fmt: skip
 # data keys of the folder kinds (synthetic ones are TestsetConfig fields besides these two)
 DATA_KEYS = {"paired": ("kind", "lq", "gt", "source"), "lq_only": ("kind", "lq", "source")}
 # EvalConfig fields that the run sets itself: not allowed under `evaluate`
 EVALUATE_RESERVED = frozenset({"results", "gt", "metrics", "metric_weights_dir", "device"})
 VALUE_FORMAT = {"psnr": ".2f", "musiq": ".2f", "fid": ".2f"}  # others: 4 decimals
+# a `reference` entry: label, source, protocol and values required, note optional
+REFERENCE_KEYS = ("label", "source", "protocol", "values", "note")
+# metrics a paper or reference may report that model.eval.scoring does not compute (column "†")
+NOT_COMPUTED = ("dists",)
+VALUE_METRICS = (*ALL_METRICS, *NOT_COMPUTED)
+# column order of the metrics the run does not score (the run's own come first, in its order)
+COLUMN_ORDER = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa")
+LOWER = LOWER_IS_BETTER | {"dists"}
+EMPTY = "—"  # a cell without a number
 
 
 class ConfigError(ValueError):
@@ -58,6 +70,8 @@ class ReproduceConfig:
         evaluate: `EvalConfig` fields of the `evaluate` section.
         metrics: metric names (`model.eval.scoring.ALL_METRICS`).
         paper: source, values (metric -> number) and note.
+        reference: third-party re-measurements, each with label, source, protocol, values
+            (metric -> number) and an optional note.
     """
 
     path: Path
@@ -71,6 +85,7 @@ class ReproduceConfig:
     evaluate: dict[str, Any]
     metrics: tuple[str, ...]
     paper: dict[str, Any]
+    reference: tuple[dict[str, Any], ...] = ()
 
     def option_settings(self) -> dict[str, Any]:
         """The options the config sets (validated values), in `PipelineOptions` field order."""
@@ -133,6 +148,52 @@ def _check_data(data: dict[str, Any], metrics: list[str], where: str) -> None:
         raise ConfigError(f"{where}: data without ground truth allows no-reference metrics only")
 
 
+def _check_values(values: Any, where: str, allow_empty: bool) -> dict[str, float]:
+    """`values` as {metric: number}; ConfigError naming the first bad metric name or value."""
+    if values is None and allow_empty:
+        return {}
+    if not isinstance(values, dict) or (not values and not allow_empty):
+        raise ConfigError(f"{where}: `values` missing or not a mapping of metric names to numbers")
+    check_keys(values, VALUE_METRICS, f"{where}.values", "metric name")
+    for metric, value in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ConfigError(f"{where}.values.{metric}: {value!r} is not a number")
+    return values
+
+
+def _one_line(entry: Mapping[str, Any], key: str, where: str, required: bool = True) -> None:
+    value = entry.get(key)
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip() or "\n" in value.strip():
+        raise ConfigError(f"{where}: `{key}` missing or not a one-line string, got {value!r}")
+
+
+def _check_reference(entries: Any, where: str) -> tuple[dict[str, Any], ...]:
+    """The `reference` list checked: each entry a mapping of label, source, protocol, values."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(
+            f"{where}: `reference` must be a list of entries ({', '.join(REFERENCE_KEYS)})"
+        )
+    labels: set[str] = set()
+    for i, entry in enumerate(entries):
+        at = f"{where}: reference[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: must be a mapping of {', '.join(REFERENCE_KEYS)}")
+        check_keys(entry, REFERENCE_KEYS, at, "reference key")
+        for key in ("label", "source", "protocol"):
+            _one_line(entry, key, at)
+        _one_line(entry, "note", at, required=False)
+        _check_values(entry.get("values"), at, allow_empty=False)
+        if entry["label"] in labels:
+            raise ConfigError(f"{at}: label {entry['label']!r} used twice")
+        labels.add(entry["label"])
+    return tuple(entries)
+
+
 def _pipeline_options(inference: dict[str, Any], task: str, where: str) -> PipelineOptions:
     check_keys(inference, _field_names(PipelineOptions), where, "PipelineOptions field")
     values = {"upscale": DEFAULT_UPSCALE[task], **inference}
@@ -153,11 +214,19 @@ def _pipeline_options(inference: dict[str, Any], task: str, where: str) -> Pipel
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
-    """Read a reproduce config, apply `KEY=VALUE` overrides and check it (ConfigError)."""
+    """Read a reproduce config, apply `KEY=VALUE` overrides (dotted keys, list items by index,
+    YAML values) and check it (ConfigError)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config not found")
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ConfigError(f"{path}: override {bad[0]!r} is not KEY=VALUE")
     try:
-        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.load(path)
+        for item in overrides:  # one by one: a dotted key may index a list (reference.0.source)
+            key, _, value = item.partition("=")
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"_={value}"]))["_"]
+            OmegaConf.update(merged, key, parsed, merge=True)
         cfg = OmegaConf.to_container(merged, resolve=True)
     except Exception as e:  # omegaconf/yaml errors have many types; report one line
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
@@ -176,11 +245,10 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
         raise ConfigError(f"{where}: unknown metrics {unknown}; choose from {ALL_METRICS}")
     _check_data(_require(cfg, "data", dict, where), metrics, where)
     paper = _require(cfg, "paper", dict, where)
-    values = paper.get("values") or {}
-    if not isinstance(values, dict) or any(
-        m not in ALL_METRICS or not isinstance(v, int | float) for m, v in values.items()
-    ):
-        raise ConfigError(f"{where}: paper.values must map metric names to numbers")
+    values = _check_values(paper.get("values"), f"{where}: paper", allow_empty=True)
+    if values and not (isinstance(paper.get("source"), str) and paper["source"].strip()):
+        raise ConfigError(f"{where}: paper.values need `paper.source` (where they were read)")
+    reference = _check_reference(cfg.get("reference"), where)
     for section in ("inference", "evaluate"):
         if not isinstance(cfg.get(section) or {}, dict):
             raise ConfigError(f"{where}: `{section}` must be a mapping of fields to values")
@@ -193,7 +261,7 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
     return ReproduceConfig(
         path=path, name=cfg["name"], title=cfg["title"], task=cfg["task"],
         version=cfg["version"], data=cfg["data"], options=options, inference_keys=keys,
-        evaluate=evaluate, metrics=tuple(metrics), paper=paper,
+        evaluate=evaluate, metrics=tuple(metrics), paper=paper, reference=reference,
     )  # fmt: skip
 
 
@@ -236,9 +304,22 @@ def format_steps(steps: Sequence[Step]) -> str:
 
 
 def _format(metric: str, value: Any) -> str:
+    """A run's mean as text (its metric's decimals); strings (inf/nan) as written."""
     if isinstance(value, str):  # inf/nan as written in summary.json
         return value
-    return f"{value:{VALUE_FORMAT.get(metric, '.4f')}}" if value is not None else "–"
+    return f"{value:{VALUE_FORMAT.get(metric, '.4f')}}" if value is not None else EMPTY
+
+
+def _reported(metric: str, value: float | None) -> str:
+    """A number copied from a paper: the metric's decimals when they keep it, else as written."""
+    if value is None:
+        return EMPTY
+    text = _format(metric, value)
+    return text if float(text) == value else str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def run_label(cfg: ReproduceConfig) -> str:
@@ -250,32 +331,69 @@ def run_label(cfg: ReproduceConfig) -> str:
     )
 
 
-def render_table(cfg: ReproduceConfig, summary: Mapping[str, Any], steps: Sequence[Step]) -> str:
-    """Markdown: the paper's row and this run's, where the numbers come from, and the steps."""
-    values = cfg.paper.get("values") or {}
-    means = summary.get("means", {})
-    arrow = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in cfg.metrics}
+def table_metrics(cfg: ReproduceConfig) -> tuple[str, ...]:
+    """The table's columns: the run's metrics, then those only the paper or a reference reports."""
+    reported = [cfg.paper.get("values") or {}, *(r["values"] for r in cfg.reference)]
+    extra = {m for values in reported for m in values if m not in cfg.metrics}
+    rank = {m: i for i, m in enumerate(COLUMN_ORDER)}
+    return (*cfg.metrics, *sorted(extra, key=lambda m: (rank.get(m, len(rank)), m)))
+
+
+def _header(cfg: ReproduceConfig, metric: str) -> str:
+    mark = "" if metric in cfg.metrics else "†" if metric in NOT_COMPUTED else "*"
+    return f"{metric.upper()}{'↓' if metric in LOWER else '↑'}{mark}"
+
+
+def render_table(
+    cfg: ReproduceConfig, summary: Mapping[str, Any] | None, steps: Sequence[Step]
+) -> str:
+    """Markdown: the paper's row (when it has numbers), each reference row and this run's, where
+    the numbers come from, and the steps. `summary` None (a dry run): this run's cells empty."""
+    metrics = table_metrics(cfg)
+    paper = cfg.paper.get("values") or {}
+    means = (summary or {}).get("means", {})
+    rows = []
+    if paper:
+        rows.append(("DiffBIR, paper", [_reported(m, paper.get(m)) for m in metrics]))
+    for ref in cfg.reference:
+        rows.append((ref["label"], [_reported(m, ref["values"].get(m)) for m in metrics]))
+    ours = [_format(m, means.get(m)) if m in cfg.metrics else EMPTY for m in metrics]
+    rows.append((run_label(cfg), ours))
     lines = [
         f"## {cfg.title}",
         "",
-        "| | " + " | ".join(f"{m.upper()}{arrow[m]}" for m in cfg.metrics) + " |",
-        "|---|" + "---|" * len(cfg.metrics),
-        "| DiffBIR, paper | " + " | ".join(str(values.get(m, "–")) for m in cfg.metrics) + " |",
-        f"| {run_label(cfg)} | " + " | ".join(_format(m, means.get(m)) for m in cfg.metrics) + " |",
+        "| | " + " | ".join(_header(cfg, m) for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+        *(f"| {_cell(label)} | " + " | ".join(cells) + " |" for label, cells in rows),
         "",
     ]
+    if summary is None:
+        lines.append(f"- this run: not run yet (dry run); its cells are {EMPTY} until a run")
     source = cfg.paper.get("source")
-    if values and source:
+    if paper and source:
         lines.append(f"- paper numbers: {source}")
     else:
         # an empty row, never a guess: the config holds only numbers read in the paper
         lines.append("- paper numbers: none in the config (see the note)")
     if cfg.paper.get("note"):
         lines.append(f"- note: {cfg.paper['note']}")
-    counts = ", ".join(f"{m} {n}" for m, n in summary.get("counts", {}).items())
-    lines.append(f"- images: {summary.get('images', 0)}; scored per metric: {counts}")
-    lines += [f"- error: {message}" for message in summary.get("errors", {}).values()]
-    if summary.get("missing_gt"):
-        lines.append(f"- no ground truth for: {', '.join(summary['missing_gt'])}")
+    if cfg.reference:
+        lines.append(
+            "- reference rows: DiffBIR re-measured by other groups with their own protocol, not "
+            "the DiffBIR paper's numbers"
+        )
+    for ref in cfg.reference:
+        note = f" Note: {ref['note']}" if ref.get("note") else ""
+        lines.append(f"- {ref['label']}: {ref['source']}. Protocol: {ref['protocol']}.{note}")
+    if any(m not in cfg.metrics and m not in NOT_COMPUTED for m in metrics):
+        lines.append("- *: not among this run's metrics (add it with --metrics)")
+    if any(m in NOT_COMPUTED for m in metrics):
+        lines.append("- †: not implemented by model.eval.scoring; the reported number only")
+    if summary is not None:
+        counts = ", ".join(f"{m} {n}" for m, n in summary.get("counts", {}).items())
+        lines.append(f"- images: {summary.get('images', 0)}; scored per metric: {counts}")
+        lines += [f"- error: {message}" for message in summary.get("errors", {}).values()]
+        if summary.get("missing_gt"):
+            lines.append(f"- no ground truth for: {', '.join(summary['missing_gt'])}")
     lines += ["", "Steps:", "", "```text", format_steps(steps), "```", ""]
     return "\n".join(lines)

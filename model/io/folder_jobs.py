@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset.file_sources import list_image_files, read_file_list
+from model.io.file_lists import list_image_files, read_file_list
 from model.io.images import IMAGE_EXTENSIONS, DecodedImage, decode_image, write_image
 
 LIST_SUFFIXES = (".txt", ".list")

@@ -27,14 +27,27 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def gaussian_weights(h: int, w: int, device: torch.device | str | None = None) -> Tensor:
-    """(h, w) float32 blending weights, peaked at the centre and positive everywhere."""
+TILE_WEIGHTS = ("symmetric", "original")
 
-    def profile(n: int) -> Tensor:
-        x = (torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2) / n
+
+def gaussian_weights(
+    h: int, w: int, device: torch.device | str | None = None, centre: str = "symmetric"
+) -> Tensor:
+    """(h, w) float32 blending weights, peaked at the centre and positive everywhere.
+
+    "symmetric" centres both axes at (n − 1)/2; "original" centres y at h/2 and x at
+    (w − 1)/2 as the original's `gaussian_weights` (half a pixel off in y). Scale is arbitrary
+    (tiles are blended by weighted mean).
+    """
+    if centre not in TILE_WEIGHTS:
+        raise ValueError(f"tile weights must be one of {TILE_WEIGHTS}, got {centre!r}")
+
+    def profile(n: int, mid: float) -> Tensor:
+        x = (torch.arange(n, dtype=torch.float64, device=device) - mid) / n
         return torch.exp(-(x**2) / (2 * _SIGMA**2))
 
-    return torch.outer(profile(h), profile(w)).float()
+    y_mid = h / 2 if centre == "original" else (h - 1) / 2
+    return torch.outer(profile(h, y_mid), profile(w, (w - 1) / 2)).float()
 
 
 def _scaled(n: int, scale: float) -> int:

@@ -48,8 +48,6 @@ from model.pipelines.sampling import (
 
 logger = logging.getLogger(__name__)
 
-# Condition images are zero-padded to this before VAE encoding (latents ×8), as the original.
-PAD_MULTIPLE = 64
 # enable_vae_tiling(): the original CLI's --vae_encoder_tile_size / --vae_decoder_tile_size.
 VAE_TILE_SIZE = 256
 
@@ -359,7 +357,7 @@ class DiffBIRPipeline:
         """Sample a latent conditioned on I_reg (B, 3, H', W'); returns the decoded image in
         [0, 1] (not clamped) at I_reg's size."""
         batch, h0, w0 = cond_img.shape[0], *cond_img.shape[-2:]
-        padded, _ = pad_to_multiple(cond_img, PAD_MULTIPLE)
+        padded, _ = pad_to_multiple(cond_img, options.pad_multiple())
         c_img = self._vae_encode(padded, options)  # (B, 4, H/8, W/8)
         sampler = make_sampler(options.sampler, self.diffusion, **options.sampler_options())
         if latents is not None:

@@ -13,6 +13,7 @@ from model.diffusion.latent_guidance import LatentGuidance
 from model.diffusion.samplers import SAMPLERS
 from model.ops.color_fix import COLOR_FIX_MODES
 from model.ops.sizing import RESIZES
+from model.ops.tiling import TILE_WEIGHTS
 
 # The original CLI's prompts (XPixelGroup/DiffBIR inference.py), used with every version.
 DEFAULT_POS_PROMPT = (
@@ -76,6 +77,8 @@ class PipelineOptions:
         vae_decoder_tile_size, vae_decoder_tile_stride: decoder tiles in image pixels.
         diffusion_tile_size, diffusion_tile_stride: diffusion tiles in image pixels (the latent
             tile is 1/8); diffusion_tile_batch_size tiles per network call.
+        tile_weights: Gaussian weights of the diffusion tiles, "symmetric" (centred on both
+            axes) or "original" (the original's, half a pixel off-centre in y).
         progress: show tqdm bars for sampling steps and tiles.
     """
 
@@ -110,6 +113,7 @@ class PipelineOptions:
     diffusion_tile_size: int | None = None
     diffusion_tile_stride: int | None = None
     diffusion_tile_batch_size: int = 1
+    tile_weights: str = "symmetric"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -130,6 +134,10 @@ class PipelineOptions:
             raise ValueError(
                 f"sigma_schedule must be one of {SIGMA_SCHEDULES}, got {self.sigma_schedule!r}"
             )
+        if self.tile_weights not in TILE_WEIGHTS:
+            raise ValueError(
+                f"tile_weights must be one of {TILE_WEIGHTS}, got {self.tile_weights!r}"
+            )
         if self.resize_backend not in RESIZES:
             raise ValueError(
                 f"resize_backend must be one of {list(RESIZES)}, got {self.resize_backend!r}"
@@ -146,6 +154,12 @@ class PipelineOptions:
             raise ValueError(f"noise_aug must be in [0, 999], got {self.noise_aug}")
         for stage, multiple in TILE_MULTIPLES.items():
             _check_tiles(stage, *self.tiles(stage), multiple)
+
+    def pad_multiple(self) -> int:
+        """The condition image's padding: ×64 (latents ×8), or ×8 when the VAE encoder or the
+        diffusion is tiled, as the original."""
+        tiled = self.vae_encoder_tile_size is not None or self.diffusion_tile_size is not None
+        return 8 if tiled else 64
 
     def tiles(self, stage: str) -> tuple[int | None, int | None]:
         """(tile size, stride) of "stage1", "vae_encoder", "vae_decoder" or "diffusion"."""

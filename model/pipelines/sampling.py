@@ -105,8 +105,9 @@ def build_model_fn(
     tile_size, tile_stride = options.tiles("diffusion")
     if tile_size is not None:
         model_fn = tiled_model_fn(
-            model_fn, tile_size // 8, tile_stride // 8, options.diffusion_tile_batch_size
-        )
+            model_fn, tile_size // 8, tile_stride // 8, options.diffusion_tile_batch_size,
+            weights=options.tile_weights,
+        )  # fmt: skip
     if uncond is not None:
         model_fn = classifier_free_guidance(
             model_fn,
