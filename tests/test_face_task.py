@@ -28,7 +28,6 @@ from model.pipelines.presets import (
     flow_specs,
     read_model_config,
 )
-from scripts.make_tiny_weights import write_tiny_weights
 
 # lq 40×48, ×2 -> 80×96 output; a face centred at (x 48, y 40) covering about 60 px.
 LQ_SIZE, OUT_SIZE = (40, 48), (80, 96)
@@ -48,13 +47,6 @@ class StubDetector:
         rows = [[*(lm * scale).min(0), *(lm * scale).max(0), 0.99, *(lm * scale).ravel()]
                 for lm in self.faces]  # fmt: skip
         return np.asarray(rows, np.float32).reshape(-1, 15)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_weights")
-    write_tiny_weights(out)
-    return out
 
 
 def _pipelines(weights: Path, version: str, stage1_only: bool = False) -> dict:

@@ -17,17 +17,15 @@ import pytest
 import torch
 
 import inference
+from model.nets.cldm import ControlLDM
 from model.pipelines import loading
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.faces import FFHQ_TEMPLATE_512
-from scripts.make_tiny_weights import write_tiny_weights
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_weights")
-    write_tiny_weights(out)
-    return out
+def weights(tiny_weights: Path) -> Path:
+    return tiny_weights  # conftest: the session's tiny weights
 
 
 def _write_inputs(folder: Path) -> None:
@@ -185,6 +183,7 @@ def test_tiling_guidance_16bit_and_glob(weights: Path, tmp_path: Path, capsys) -
         "--tiled", "--vae-encoder-tile-size", "64", "--vae-encoder-tile-stride", "32",
         "--vae-decoder-tile-size", "64", "--vae-decoder-tile-stride", "32",
         "--diffusion-tile-size", "64", "--diffusion-tile-stride", "32", "--diffusion-tile-batch", "2",
+        "--tile-weights", "original",
         "--guidance", "--g-loss", "mse", "--g-scale", "0.01", "--g-start", "1001", "--g-stop", "-1",
         "--g-space", "rgb", "--g-repeat", "1", "--sampler", "euler", "--sigma-schedule", "exponential", "--verbose",
         "--steps", "1",
@@ -195,6 +194,7 @@ def test_tiling_guidance_16bit_and_glob(weights: Path, tmp_path: Path, capsys) -
     sidecar = json.loads((tmp_path / "out" / "face.png.json").read_text())
     options = sidecar["options"]
     assert options["stage1_tile_size"] == 512 and options["diffusion_tile_size"] == 64
+    assert options["tile_weights"] == "original"
     assert options["guidance"] == {"scale": 0.01, "t_start": 1001, "t_stop": -1, "space": "rgb",
                                    "loss": "mse", "repeat": 1}  # fmt: skip
     assert (
@@ -352,6 +352,37 @@ def test_setup_errors(weights: Path, tmp_path: Path, capsys) -> None:
     assert "nothing*.png: no images found" in err and "missing: no such file" in err
     assert inference.main(_base(weights, tmp_path / "in" / "rgb.png", tmp_path / "in")) == 2
     assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_control_flags_reach_the_pipeline(
+    weights: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    _write_inputs(tmp_path / "in")
+    calls: list[tuple[bool, list[float]]] = []  # (LAControlNet ran, control scales) per step
+    unet_forward = ControlLDM.unet_forward
+
+    def spy(self, x, t, c_txt, control=None):
+        calls.append((control is not None, list(self.control_scales)))
+        return unet_forward(self, x, t, c_txt, control)
+
+    monkeypatch.setattr(ControlLDM, "unet_forward", spy)
+    scales = [round(0.1 * (i + 1), 1) for i in range(13)]
+    argv = _base(weights, tmp_path / "in" / "rgb.png", tmp_path / "out") + [
+        "--upscale", "2", "--steps", "4", "--sampler", "ddim", "--control-strength", "0.5",
+        "--control-scales", ",".join(map(str, scales)), "--control-start", "0.25",
+        "--control-end", "0.75",
+    ]  # fmt: skip
+    assert inference.main(argv) == 0
+    options = json.loads((tmp_path / "out" / "rgb.png.json").read_text())["options"]
+    assert (options["control_strength"], options["control_scales"]) == (0.5, scales)
+    assert (options["control_start"], options["control_end"]) == (0.25, 0.75)
+    # batched CFG, one network call per step: steps 1 and 2 of 4 are steered, each residual
+    # by its scale times the strength
+    assert [steered for steered, _ in calls] == [False, True, True, False]
+    assert all(s == pytest.approx([0.5 * x for x in scales]) for steered, s in calls if steered)
+    capsys.readouterr()
+    assert inference.main(argv[:-4] + ["--control-start", "0.75", "--control-end", "0.25"]) == 2
+    assert "control_start < control_end" in capsys.readouterr().err
 
 
 def test_every_flag_is_exercised() -> None:

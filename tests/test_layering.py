@@ -130,7 +130,7 @@ def test_importing_the_pipelines_package_has_no_side_effects() -> None:
     import sys
 
     code = (
-        "import logging, sys; import model.pipelines, model.pipelines.diffbir; "
+        "import logging, sys; import model.pipelines; "
         "assert not logging.getLogger().handlers; "
         "assert 'gradio' not in sys.modules and 'pytorch_lightning' not in sys.modules"
     )

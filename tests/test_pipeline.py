@@ -98,8 +98,10 @@ TILES_MANY = dict(stage1_tile_size=64, stage1_tile_stride=32, vae_encoder_tile_s
 
 
 def test_tiles_covering_the_image_equal_untiled(pipe: DiffBIRPipeline) -> None:
-    # Tolerance: exact up to float noise (1e-6) — one tile is the untiled computation.
-    lq = _lq(3)
+    # Tolerance: exact up to float noise (1e-6) — one tile is the untiled computation. The
+    # processing size (64×64) is a multiple of 64, so the ×8 padding of tiled runs and the ×64
+    # padding of untiled ones agree.
+    lq = _lq(3, 32, 32)
     torch.testing.assert_close(
         _restore(pipe, lq, **TILES_ONE), _restore(pipe, lq), atol=1e-6, rtol=0
     )
@@ -108,9 +110,9 @@ def test_tiles_covering_the_image_equal_untiled(pipe: DiffBIRPipeline) -> None:
 def test_tiles_smaller_than_the_image(
     pipe: DiffBIRPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 48×60 ×2 -> 96×120, padded to 128×128: 3×3 tiles of 64 px in every stage. (With batched
-    # CFG every call has a batch of at least 2: the tiny UNet's 1×1 bottom level cannot
-    # normalise a single 8×8 tile.)
+    # 48×60 ×2 -> 96×120, padded to ×8 as the original does when tiling (a 12×15 latent): 2×3
+    # diffusion tiles of 64 px. (With batched CFG every call has a batch of at least 2: the
+    # tiny UNet's 1×1 bottom level cannot normalise a single 8×8 tile.)
     calls = []
     forward = pipe.cldm.forward
     monkeypatch.setattr(
@@ -119,11 +121,12 @@ def test_tiles_smaller_than_the_image(
     lq = _lq(4, 48, 60)
     tiled = _restore(pipe, lq, **TILES_MANY)
     assert tiled.shape == (1, 3, 96, 120) and torch.isfinite(tiled).all()
-    # 2 steps × 9 tiles, 2 tiles per call -> 5 calls per step on 8×8 latent tiles, CFG doubled
-    assert [shape[0] for shape in calls] == [4, 4, 4, 4, 2] * 2
+    # 2 steps × 6 tiles, 2 tiles per call -> 3 calls per step on 8×8 latent tiles, CFG doubled
+    assert [shape[0] for shape in calls] == [4, 4, 4] * 2
     assert all(shape[-2:] == (8, 8) for shape in calls)
     untiled = _restore(pipe, lq)
-    assert (tiled - untiled).abs().mean() < 0.25
+    # the untiled run pads to 128×128 (other border content): close, not equal
+    assert (tiled - untiled).abs().mean() < 0.3
 
 
 def test_stage1_tiles(pipe: DiffBIRPipeline) -> None:

@@ -277,7 +277,7 @@ def test_vae_tiling_switch(tiny_pipe: DiffBIRPipeline, monkeypatch: pytest.Monke
     encode, decode = pipe.cldm.vae_encode, pipe.cldm.vae_decode
     monkeypatch.setattr(pipe.cldm, "vae_encode", lambda x: shapes["encode"].append(x.shape[-2:]) or encode(x))  # fmt: skip
     monkeypatch.setattr(pipe.cldm, "vae_decode", lambda z: shapes["decode"].append(z.shape[-2:]) or decode(z))  # fmt: skip
-    lq = _lq(6)
+    lq = _lq(6, 32, 32)  # 64×64 at the processing size: the ×8 and ×64 paddings agree
     overrides = dict(upscale=2, min_short_side=32, steps=1)  # keep the pipeline's tile options
     tiled = pipe(lq, **overrides).images
     # 64×64 padded image: 3×3 tiles of 32 pixels (encoder) / 4 latents (decoder)
