@@ -50,6 +50,8 @@ def test_one_tiled_evaluation_matches_the_original() -> None:
     x = ref.case_tensor(c, "x")
     t = torch.full((x.shape[0],), c["t"], dtype=torch.long)
     ref.assert_matches(model_fn(x, t, cond), c, "out")
+    batched = tiled_model_fn(ref.standin(c["schedule"]), 16, 8, 5, weights="original")
+    ref.assert_matches(batched(x, t, cond), c, "out")
     # the symmetric weights give a slightly different blend, both far from the untiled output
     symmetric = tiled_model_fn(ref.standin(c["schedule"]), 16, c["tile_stride"])(x, t, cond)
     gap = (symmetric - ref.case_tensor(c, "out")).abs().max()

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.diffusion.callbacks import StepCallback, report_step
+from model.diffusion.noise import randn_rows
 from model.diffusion.schedule import Diffusion, ModelFn
 
 DDIMSpacing = Literal["original", "trailing"]
@@ -93,13 +94,6 @@ class DDIMSampler:
                 eps, x0 = out, (x - (1 - a_t) ** 0.5 * out) / a_t**0.5
             x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
             if sigma > 0:
-                x = x + sigma * (noise[k].to(x) if noise is not None else _randn(x, generator))
+                x = x + sigma * (noise[k].to(x) if noise is not None else randn_rows(x, generator))
             report_step(callback, k, int(ts[i]), x)
         return x
-
-
-def _randn(like: torch.Tensor, generator: torch.Generator | list | None) -> torch.Tensor:
-    gens = generator if isinstance(generator, list) else [generator]
-    shape = (1, *like.shape[1:]) if len(gens) > 1 else like.shape
-    rows = [torch.randn(shape, generator=g, device=g.device if g else like.device) for g in gens]
-    return torch.cat(rows).to(like)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from model.diffusion.callbacks import StepCallback, report_step
 from model.diffusion.k_solvers import SOLVER_HPARAMS, SOLVERS, Noise
+from model.diffusion.noise import randn_rows
 from model.diffusion.schedule import Diffusion, ModelFn
 
 SigmaSchedule = Literal["original", "karras", "exponential"]
@@ -80,27 +81,17 @@ class BrownianNoise:
     """
 
     def __init__(self, like: Tensor, generator: torch.Generator | list | None = None) -> None:
-        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
-        self.generators = generator if isinstance(generator, list) else [generator]
+        self.like, self.generator = torch.zeros_like(like), generator
         self.points: list[float] = []
         self.values: list[Tensor] = []
-
-    def _randn(self) -> Tensor:
-        rows = []
-        per_row = len(self.generators) > 1
-        for g in self.generators:
-            shape = (1, *self.shape[1:]) if per_row else self.shape
-            device = g.device if g is not None else self.device
-            rows.append(torch.randn(shape, generator=g, device=device, dtype=torch.float32))
-        return torch.cat(rows).to(self.device, self.dtype)
 
     def _value(self, s: float) -> Tensor:
         i = bisect.bisect_left(self.points, s)
         if i < len(self.points) and self.points[i] == s:
             return self.values[i]
-        z = self._randn()
+        z = randn_rows(self.like, self.generator)
         if not self.points:
-            w = torch.zeros(self.shape, device=self.device, dtype=self.dtype)
+            w = torch.zeros_like(self.like)
         elif i == 0:
             w = self.values[0] - math.sqrt(self.points[0] - s) * z
         elif i == len(self.points):

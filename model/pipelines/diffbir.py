@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from model.diffusion.callbacks import StepCallback
+from model.diffusion.noise import randn_rows
 from model.diffusion.samplers import make_sampler
 from model.diffusion.schedule import Diffusion
 from model.nets.cldm import ControlLDM
@@ -41,7 +42,6 @@ from model.pipelines.sampling import (
     Generators,
     build_model_fn,
     per_image_generators,
-    randn_rows,
     run_sampler,
     start_latents,
 )

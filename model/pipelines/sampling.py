@@ -17,6 +17,7 @@ from torch import Tensor
 from model.diffusion.callbacks import StepCallback
 from model.diffusion.cfg import classifier_free_guidance
 from model.diffusion.latent_guidance import latent_image_guidance
+from model.diffusion.noise import randn_rows
 from model.diffusion.samplers import Sampler, SpacedDDPM, start_latent
 from model.diffusion.schedule import Diffusion, ModelFn
 from model.diffusion.tiled import tiled_model_fn
@@ -49,12 +50,6 @@ def per_image_generators(
         return gens, [None] * batch
     seeds = per_image_seeds(batch, default_seed, seeds)
     return [torch.Generator().manual_seed(s) for s in seeds], list(seeds)
-
-
-def randn_rows(like: Tensor, generators: list[torch.Generator]) -> Tensor:
-    """Standard normal noise shaped like `like`, row i drawn from generators[i] on its device."""
-    rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device) for g in generators]
-    return torch.cat(rows).to(like)
 
 
 def start_latents(
