@@ -1,4 +1,4 @@
-"""Face detection glue, FFHQ alignment and paste-back (model/face.py).
+"""Face detection glue, FFHQ alignment and paste-back (model/pipelines/faces.py).
 
 Random-weight detectors find nothing meaningful, so the geometry is tested with a stub
 detector that reports known landmarks; the facexlib networks are only built to test loading.

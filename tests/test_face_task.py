@@ -1,4 +1,4 @@
-"""The face_background flow (model/face_background.py) and shared loading (model/versions.py).
+"""The face_background flow (model/pipelines/face_background.py) and shared loading (model/pipelines/loading.py).
 
 Tiny random weights (scripts/make_tiny_weights.py), CPU, fp32. A stub detector reports a face
 at known landmarks; face crops are 64×64 (FaceHelper(face_size=64)) so that one face is one
