@@ -73,6 +73,11 @@ def spaced_sigmas(
     return np.append(sigmas, 0.0)
 
 
+def nearest_timestep(sigma: float, table: np.ndarray, timesteps: np.ndarray) -> int:
+    """The timestep of the σ in `table` nearest to `sigma` (how the denoiser picks its t)."""
+    return int(timesteps[np.abs(table - sigma).argmin()])
+
+
 class BrownianNoise:
     """Unit-normal Brownian increments between sigmas, consistent across overlapping calls.
 
@@ -153,7 +158,7 @@ class EDMSampler:
         SOLVERS[self.solver](denoise, torch.zeros(1), [float(s) for s in sigmas],
                              lambda s, s_next: torch.zeros(1), lambda i, x: None,
                              **self._hparams())  # fmt: skip
-        return [int(timesteps[np.abs(table - s).argmin()]) for s in seen]
+        return [nearest_timestep(s, table, timesteps) for s in seen]
 
     def _hparams(self) -> dict[str, Any]:
         merged = {**DEFAULT_HPARAMS, **self.hparams}
@@ -179,7 +184,7 @@ class EDMSampler:
         batch = x_T.shape[0]
 
         def denoise(x: Tensor, sigma: float) -> Tensor:
-            t = int(timesteps[np.abs(table - sigma).argmin()])
+            t = nearest_timestep(sigma, table, timesteps)
             scale = math.sqrt(sigma**2 + 1)
             t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
             out = model_fn(x / scale, t_batch, cond)
@@ -192,7 +197,7 @@ class EDMSampler:
         def step_done(i: int, x: Tensor) -> None:
             bar.update(1)
             z = x / math.sqrt(sigmas[i + 1] ** 2 + 1)
-            report_step(callback, i, int(timesteps[np.abs(table - sigmas[i]).argmin()]), z)
+            report_step(callback, i, nearest_timestep(sigmas[i], table, timesteps), z)
 
         x = x_T * math.sqrt(1 + sigmas[0] ** 2)
         noise = noise or BrownianNoise(x_T, generator)
