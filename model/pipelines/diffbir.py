@@ -105,6 +105,7 @@ class DiffBIRPipeline:
         self.weight_paths: dict[str, Path] = {}
         self.offload = False
         self._prompt_cache = PromptCache(self._encode_text)
+        self._warned_tile_captions = False
         self.device = resolve_device(device)
         self.precision = "fp32"
         self.to(self.device, precision)
@@ -345,6 +346,25 @@ class DiffBIRPipeline:
         with self._running(self.cldm.text_encoder):
             return self.cldm.encode_text(prompts)
 
+    def _tile_safe(
+        self, texts: TextConditions, c_img: Tensor, options: PipelineOptions
+    ) -> TextConditions:
+        """`texts` without the per-image captions when the diffusion runs on several tiles
+        (unless `options.tile_captions`): one caption of the whole image applied to each tile
+        makes every tile show what it describes (the original's open problem #138)."""
+        tile_size, _ = options.tiles("diffusion")
+        if texts.captions is None or tile_size is None or options.tile_captions:
+            return texts
+        if max(c_img.shape[-2:]) <= tile_size // 8:
+            return texts
+        if not self._warned_tile_captions:
+            logger.warning(
+                "captions are not applied under tiled diffusion (the tiles get the positive "
+                "prompt only); --tile-captions applies each caption to every tile"
+            )
+            self._warned_tile_captions = True
+        return dataclasses.replace(texts, captions=None)
+
     def _diffuse(
         self,
         cond_img: Tensor,
@@ -372,6 +392,7 @@ class DiffBIRPipeline:
         if options.noise_aug > 0:
             t = torch.full((batch,), options.noise_aug, dtype=torch.long, device=self.device)
             c_img = self.diffusion.q_sample(c_img, t, randn_rows(c_img, generators))
+        texts = self._tile_safe(texts, c_img, options)
         encode = self.encode_prompt
         cond = {"c_txt": texts.positive(encode, options.pos_prompt, batch), "c_img": c_img}
         uncond = None

@@ -79,6 +79,8 @@ class PipelineOptions:
             tile is 1/8); diffusion_tile_batch_size tiles per network call.
         tile_weights: Gaussian weights of the diffusion tiles, "symmetric" (centred on both
             axes) or "original" (the original's, half a pixel off-centre in y).
+        tile_captions: apply per-image captions to every diffusion tile (as the original does);
+            off by default, since a global caption on each tile invents its content there.
         progress: show tqdm bars for sampling steps and tiles.
     """
 
@@ -114,6 +116,7 @@ class PipelineOptions:
     diffusion_tile_stride: int | None = None
     diffusion_tile_batch_size: int = 1
     tile_weights: str = "symmetric"
+    tile_captions: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
