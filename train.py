@@ -14,19 +14,28 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from model.io.logs import setup_logging
+from model.train.checkpointing import ResumeError, StepCheckpoint, checkpoint_step, resolve_resume
+from model.train.config_keys import ConfigKeyError, check_config
+from model.train.console import ConsoleProgress, quiet_lightning
 from model.train.export import ExportWeights
-from model.train.instantiate import instantiate
+from model.train.instantiate import TargetError, instantiate
+from model.train.loggers import build_logger
+from model.train.seeding import RandomStreams
 
-LOGGERS = ("tensorboard", "wandb", "csv")
+log = logging.getLogger("train")
+
+
+class UsageError(Exception):
+    """A problem found before training starts (exit code 2)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,76 +54,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_config(path: str, overrides: list[str]) -> DictConfig:
-    """Read the YAML config and apply `key=value` overrides."""
-    cfg = OmegaConf.load(path)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    """Read the YAML config, check the override keys (`ConfigKeyError`) and apply them."""
+    if not Path(path).is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        cfg = OmegaConf.load(path)
+        check_config(OmegaConf.to_container(cfg), overrides)
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise UsageError(f"--config {path}: {str(e).splitlines()[0]}") from e
 
 
-def build_logger(cfg: DictConfig, output_dir: Path) -> Logger:
-    """TensorBoard by default; `logger.type` selects wandb or csv."""
-    kind = cfg.get("type", "tensorboard")
-    name = cfg.get("name", "run")
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=str(output_dir), name="logs", version=name)
-    if kind == "csv":
-        return CSVLogger(save_dir=str(output_dir), name="logs", version=name)
-    if kind == "wandb":
-        return WandbLogger(
-            save_dir=str(output_dir), project=cfg.get("project", "diffbir"), name=name
-        )
-    raise ValueError(f"logger.type must be one of {LOGGERS}, got {kind!r}")
-
-
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
-    """Map `--resume last` to the last checkpoint of this run; check explicit paths exist."""
-    if resume is None:
-        return None
-    path = ckpt_dir / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint to resume from not found")
-    return str(path)
+def finished(resume_from: Path, cfg: DictConfig) -> bool:
+    """True (and says so) when the checkpoint already reached `trainer.max_steps`."""
+    step, max_steps = checkpoint_step(resume_from), cfg.trainer.get("max_steps", -1)
+    if max_steps is None or not 0 <= max_steps <= step:
+        return False
+    log.info(
+        "%s is at step %d: the run is finished (trainer.max_steps=%d); to train further, "
+        "resume with trainer.max_steps=<N> for some N > %d",
+        resume_from,
+        step,
+        max_steps,
+        step,
+    )
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO, "%(asctime)s %(name)s: %(message)s")
-    # The DataModule's sampler restores the data position itself (Lightning cannot see that).
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    output_dir = Path(args.output_dir or cfg.get("output_dir", "runs/default"))
-    ckpt_dir = output_dir / "checkpoints"
-    resume_from = resolve_resume(args.resume, ckpt_dir)  # fail before loading any weights
-    pl.seed_everything(cfg.get("seed", 231), workers=True)
+    quiet_lightning(resuming=args.resume is not None)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        output_dir = Path(args.output_dir or cfg.get("output_dir", "runs/default"))
+        ckpt_dir = output_dir / "checkpoints"
+        resume_from = resolve_resume(args.resume, ckpt_dir)  # fail before loading any weights
+        if resume_from is not None and finished(resume_from, cfg):
+            return 0
+    except (UsageError, ConfigKeyError, ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seed = cfg.get("seed", 231)
+    pl.seed_everything(seed, workers=True, verbose=False)  # the same initial weights on every rank
 
-    system = instantiate(cfg.system)
-    datamodule = instantiate(cfg.data)
-    ckpt_cfg = cfg.get("checkpoint", {})
+    try:
+        system = instantiate(cfg.system)
+        datamodule = instantiate(cfg.data)
+        trainer_args = instantiate(cfg.trainer)  # a strategy may be a {target, params} mapping
+    except TargetError as e:
+        print(f"error: --config {args.config}: {e}", file=sys.stderr)
+        return 2
+    progress_bar = trainer_args.pop("enable_progress_bar", True)
     callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step:08d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=ckpt_cfg.get("every_n_train_steps", 1000),
-            save_top_k=-1,
-            save_last=True,
-            # a resumed run (also one moved to another folder) updates last.ckpt instead of
-            # writing last-v1.ckpt, which `--resume last` would never pick up
-            enable_version_counter=False,
-        ),
+        StepCheckpoint(ckpt_dir, cfg.get("checkpoint", {}).get("every_n_train_steps", 1000)),
         LearningRateMonitor(logging_interval="step"),
         ExportWeights(dirpath=output_dir / "weights", prefix=cfg.get("export_prefix", "network")),
+        RandomStreams(seed),
+        ConsoleProgress(bar=progress_bar),
     ]
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_args,
         default_root_dir=str(output_dir),
-        logger=build_logger(cfg.get("logger", {}), output_dir),
+        logger=build_logger(cfg.get("logger", {}), output_dir, resuming=resume_from is not None),
         callbacks=callbacks,
+        enable_progress_bar=False,  # ConsoleProgress counts steps, not epochs
         use_distributed_sampler=False,  # the DataModule shards by rank itself (resumable order)
     )
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
-    trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from)
+    except ResumeError as e:
+        print(f"error: --resume {resume_from}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

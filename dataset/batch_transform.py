@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,10 @@ class RealESRGANBatchTransform:
     Random draws come from a private generator seeded with `seed` (plus the distributed rank), so
     a run is reproducible from its seed. In `deterministic` mode (validation) the generator is
     re-seeded from `seed` and the batch's first `index`, and the queue is off: the same batch
-    always gets the same LQ.
+    always gets the same LQ. `state_dict` / `load_state_dict` save and restore the generator and
+    the pair queue (the DataModule puts them in every checkpoint, per rank), so a resumed run
+    degrades exactly as an uninterrupted one; the queue takes queue_size x 2 x 3 x H x W x 4
+    bytes of every checkpoint per process (1.6 GB at 512 x 512 with 256 pairs).
 
     Arguments ending in 2 configure the second round; defaults are DiffBIR's general settings.
 
@@ -270,6 +274,25 @@ class RealESRGANBatchTransform:
             self.generator = torch.Generator().manual_seed(self.seed + rank)
         return self.generator
 
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state and the pair queue (on the CPU); empty before the first batch."""
+        queue = None if self._queue is None else {k: v.cpu() for k, v in self._queue.items()}
+        return {
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "queue": queue,
+            "queue_txt": list(self._queue_txt),
+            "queue_ptr": self._queue_ptr,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the generator and the pair queue of `state_dict`."""
+        if state["generator"] is not None:
+            self.generator = torch.Generator()
+            self.generator.set_state(state["generator"])
+        self._queue = state["queue"]
+        self._queue_txt = list(state["queue_txt"])
+        self._queue_ptr = state["queue_ptr"]
+
     def sample_params(self, batch_size: int, g: torch.Generator) -> SecondOrderParams:
         """Draw every random choice of one batch from generator `g`."""
         round1 = sample_round(self.round1, batch_size, g)
@@ -346,6 +369,8 @@ class RealESRGANBatchTransform:
                 "lq": lq.new_zeros((self.queue_size, *lq.shape[1:])),
             }
             self._queue_txt = [""] * self.queue_size
+        if self._queue["hq"].device != hq.device:  # restored from a checkpoint (CPU)
+            self._queue = {k: v.to(hq.device) for k, v in self._queue.items()}
         q = self._queue
         if self._queue_ptr < self.queue_size:  # still filling: store and pass through
             q["hq"][self._queue_ptr : self._queue_ptr + b] = hq

@@ -3,9 +3,11 @@
 Resuming: the DataModule counts the training samples handed to the model in the current epoch
 and saves (epoch, samples) in its `state_dict`, which Lightning stores in every checkpoint. After
 a restart the training sampler skips the samples already consumed, so training continues with
-exactly the batches the interrupted run would have seen next. Random degradation draws inside
-the dataset are not replayed (they come from the worker RNGs). The count is per process, so
-resume with the same number of processes for an exact continuation.
+exactly the batches the interrupted run would have seen next. An `ImageDataset` gets
+`SeededIndex` keys, so its crops, flips and degradations are a function of (seed, epoch,
+position) and replay exactly, with or without workers. The state also holds every rank's batch
+transform state (a `RealESRGANBatchTransform`'s generator and pair queue). Resume with the same
+number of processes for an exact continuation.
 
 Unreadable files: each sample carries `skipped` (files replaced while loading it); the DataModule
 sums it for training batches into `num_skipped`, removes the key, keeps the count across resumes
@@ -27,7 +29,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dataset.paired_dataset import ImageDataset
 from dataset.sampler import ResumableSampler
+from model.train.ranks import gather_to_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +107,19 @@ class RestorationDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             persistent_workers=self.persistent_workers and workers,
             prefetch_factor=self.prefetch_factor if workers else None,
+            # the workers' base seed comes from here, not from the training's global generator
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
         replicas, rank = self._replicas()
         self.train_sampler = ResumableSampler(
-            len(self.train_dataset), shuffle=True, seed=self.seed, num_replicas=replicas, rank=rank
+            len(self.train_dataset),
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
+            seeded=isinstance(self.train_dataset, ImageDataset),
         )
         self.train_sampler.resume(self._epoch, self._samples_in_epoch)
         return self._loader(self.train_dataset, self.train_sampler, self.batch_size, self.drop_last)
@@ -150,13 +161,30 @@ class RestorationDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Data position (epoch, samples of this process consumed in it), seed, skipped files."""
+        """Data position (epoch, samples of this process consumed in it), seed, skipped files,
+        and every rank's batch transform state (a list in rank order)."""
+        transform_state = getattr(self.batch_transform, "state_dict", None)
         return {
             "epoch": self._epoch,
             "samples_in_epoch": self._samples_in_epoch,
             "seed": self.seed,
             "num_skipped": self.num_skipped,
+            "batch_transform": gather_to_rank0(transform_state() if transform_state else None),
         }
+
+    def _load_transform_state(self, per_rank: list[Any] | None) -> None:
+        replicas, rank = self._replicas()
+        if per_rank is None or per_rank[0] is None or self.batch_transform is None:
+            return
+        if len(per_rank) != replicas:
+            logger.warning(
+                "the checkpoint holds batch transform states of %d processes, this run has %d: "
+                "the degradations start afresh",
+                len(per_rank),
+                replicas,
+            )
+            return
+        self.batch_transform.load_state_dict(per_rank[rank])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the data position; the next training loader resumes from it."""
@@ -170,6 +198,7 @@ class RestorationDataModule(pl.LightningDataModule):
         self._epoch = state_dict["epoch"]
         self._samples_in_epoch = state_dict["samples_in_epoch"]
         self.num_skipped = state_dict["num_skipped"]
+        self._load_transform_state(state_dict.get("batch_transform"))
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self.num_skipped:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.file_sources import ImageList, load_image_list
+from dataset.sampler import SeededIndex
 from model.io.images import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 class ImageDataset(Dataset):
     """Loads, crops and augments HQ images; subclasses add the degradation.
 
+    Indexed by an int or by a `SeededIndex` (index plus the entropy of its random draws).
+
     Args:
         source: an `ImageList`, or what `load_image_list` accepts (file list, folder, table, or a
             list of them).
@@ -96,6 +99,8 @@ class ImageDataset(Dataset):
             uniform when None.
         seed: None for fresh randomness on every access (training); an int makes every sample
             a function of (seed, index) only: the same crop and LQ every epoch (validation).
+            A `SeededIndex` key (what the DataModule's training sampler yields) brings its own
+            entropy, which takes precedence.
         max_retries: unreadable files replaced in a row before giving up.
     """
 
@@ -131,11 +136,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _rng(self, key: int | SeededIndex) -> tuple[int, np.random.Generator]:
+        if isinstance(key, SeededIndex):  # training through the DataModule: exact on resume
+            return key.index, np.random.default_rng(key.entropy)
         if self.seed is not None:
-            return np.random.default_rng([self.seed, index])
+            return key, np.random.default_rng([self.seed, key])
         # torch's RNG is seeded per DataLoader worker (and by Lightning's seed_everything)
-        return np.random.default_rng(int(torch.randint(2**62, (1,))))
+        return key, np.random.default_rng(int(torch.randint(2**62, (1,))))
 
     def _crop(self, img: np.ndarray, path: str, rng: np.random.Generator) -> np.ndarray:
         size = self.out_size
@@ -171,8 +178,8 @@ class ImageDataset(Dataset):
         """Extra sample entries made from the HQ image (H, W, 3); none in the base class."""
         return {}
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self._rng(index)
+    def __getitem__(self, key: int | SeededIndex) -> dict[str, Any]:
+        index, rng = self._rng(key)
         hq, index, path, skipped = self._load(index, rng)
         sample = {
             "hq": to_tensor(hq),

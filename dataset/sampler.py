@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Sampler
+
+
+class SeededIndex(NamedTuple):
+    """A dataset index with the entropy of that sample's random draws (crop, flips, degradation).
+
+    The entropy is (seed, epoch, position in the epoch's global order): every sample of a run,
+    on every rank, draws from its own stream, whichever worker loads it and whenever.
+    """
+
+    index: int
+    entropy: tuple[int, int, int]
 
 
 class ResumableSampler(Sampler[int]):
@@ -24,6 +36,7 @@ class ResumableSampler(Sampler[int]):
         num_replicas: number of distributed processes.
         rank: this process's rank.
         drop_last: drop the tail instead of padding when sharding.
+        seeded: yield `SeededIndex` keys instead of plain indices.
     """
 
     def __init__(
@@ -34,6 +47,7 @@ class ResumableSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        seeded: bool = False,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
@@ -43,6 +57,7 @@ class ResumableSampler(Sampler[int]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.drop_last = drop_last
+        self.seeded = seeded
         self.epoch = 0
         self._resume_epoch = 0
         self._resume_consumed = 0
@@ -74,7 +89,14 @@ class ResumableSampler(Sampler[int]):
             order += (order * math.ceil(total / max(1, len(order))))[: total - len(order)]
         return order[:total][self.rank :: self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | SeededIndex]:
         skip = self._resume_consumed if self.epoch == self._resume_epoch else 0
         self._resume_consumed = 0  # a resume point applies to one pass only
-        return iter(self.indices(self.epoch)[skip:])
+        epoch = self.epoch
+        indices = self.indices(epoch)[skip:]
+        if not self.seeded:
+            return iter(indices)
+        return (
+            SeededIndex(index, (self.seed, epoch, position * self.num_replicas + self.rank))
+            for position, index in enumerate(indices, start=skip)
+        )

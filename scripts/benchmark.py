@@ -11,6 +11,8 @@ max_memory_allocated per part (reset before each), else the process peak RSS (on
 
 Weights: random full-size by default (built on the meta device, filled cheaply: speed does not
 depend on the values), `--tiny` configs/tiny/, `--weights-dir` a release via from_pretrained.
+`--method diffir` times `DiffIRPipeline` whole-image calls instead (no parts; DiffIR x4 with the
+released architecture, `--diffir-tile-size` tiles its DIRformer).
 
     python -m scripts.benchmark --sizes 512,1024,2048 --steps 10 --precision fp16 --out bench.json
 """
@@ -29,7 +31,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,90 +39,24 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from model.convert.sd import sd_builders
+from model.diffir import DiffIRS2
+from model.diffir.convert import model_kwargs
+from model.diffir.pipeline import RELEASED_X4, DiffIRPipeline
 from model.diffusion.samplers import SAMPLERS
 from model.io.checkpoint import WeightFileError
 from model.io.logs import setup_logging
 from model.io.weights import MissingWeightsError
-from model.nets.cldm import ControlLDM
-from model.nets.lacontrolnet import build_lacontrolnet
-from model.nets.stage1 import Stage1Model
-from model.nets.swinir import SwinIR, swinir_diffbir_config
 from model.ops.device import PRECISIONS, resolve_device
 from model.pipelines import presets
 from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.memory_calibration import calibrate, peak_memory, reset_peak_memory
 from model.pipelines.options import TILED_DEFAULTS, PipelineOptions, tile_fields
+from model.pipelines.random_weights import TINY_CONFIGS, random_pipeline, tiny_model_config
 
 log = logging.getLogger("benchmark")
 
 PARTS = ("stage1", "text_encode_cold", "text_encode_cached", "vae_encode", "step", "vae_decode")
 WHOLE = "whole_image"
-TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
-# Random values tiled into every parameter (copying is ~15x faster than drawing on a CPU);
-# a prime length, so that rows of a weight matrix do not repeat.
-POOL_SIZE = 1_000_003
-
-
-def tiny_model_config() -> dict[str, Any]:
-    """The model config ({"cldm", "swinir"}) of configs/tiny/, as make_tiny_weights records it."""
-    return {
-        name: OmegaConf.to_container(OmegaConf.load(TINY_CONFIGS / f"{name}.yaml"), resolve=True)
-        for name in ("cldm", "swinir")
-    }
-
-
-def _fill_(module: nn.Module, pool: Tensor) -> None:
-    """Every parameter from tiled `pool` (N(0, 1)) values: / sqrt(fan_in) with >= 2 dims,
-    1 + 0.1·N for 1-D weights (norm scales), 0.1·N otherwise."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            flat = param.view(-1)
-            for start in range(0, flat.numel(), len(pool)):
-                chunk = flat[start : start + len(pool)]
-                chunk.copy_(pool[: chunk.numel()])
-            if param.ndim >= 2:
-                flat.mul_((param.numel() / param.shape[0]) ** -0.5)
-            else:
-                flat.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
-
-
-def _random_module(build: Callable[[], nn.Module], device: torch.device, pool: Tensor) -> nn.Module:
-    """`build()` on `device` with random weights: built on the meta device and filled from
-    `pool`, or built normally when it has buffers (masks and indices keep constructed values)."""
-    with torch.device("meta"):
-        module = build()
-    if next(module.buffers(), None) is not None:
-        with torch.device(device):
-            return build()
-    module = module.to_empty(device=device)
-    _fill_(module, pool)
-    return module
-
-
-def random_pipeline(
-    spec: presets.ModelSpec, device: torch.device, precision: str, seed: int = 0
-) -> DiffBIRPipeline:
-    """The pipeline of `spec` with random weights (stage 1: DiffBIR's SwinIR)."""
-    if spec.stage1_model != "swinir":
-        log.warning("random weights: stage 1 is DiffBIR's SwinIR, not %s", spec.stage1_model)
-    torch.manual_seed(seed)
-    pool = torch.randn(POOL_SIZE, device=device)
-    builders = dict(sd_builders(spec.cldm))
-    builders["controlnet"] = partial(build_lacontrolnet, **spec.cldm["controlnet_cfg"])
-    builders["swinir"] = partial(SwinIR, **(spec.stage1_config or swinir_diffbir_config()))
-    parts = {}
-    for name, build in builders.items():
-        start = time.perf_counter()
-        parts[name] = _random_module(build, device, pool)
-        count = sum(p.numel() for p in parts[name].parameters())
-        log.info("built %s: %.1fM random parameters in %.1f s", name, count / 1e6,
-                 time.perf_counter() - start)  # fmt: skip
-    swinir = parts.pop("swinir")
-    # as model.nets.stage1.load_swinir_stage1 wraps a loaded SwinIR
-    stage1 = Stage1Model("swinir", swinir, swinir.output_scale, swinir.size_multiple,
-                         "constant", runs_before_upscale=False, runs_after_raise=True)  # fmt: skip
-    cldm = ControlLDM(latent_scale_factor=spec.cldm["latent_scale_factor"], **parts)
-    return DiffBIRPipeline(stage1, cldm, presets.build_diffusion(spec.diffusion), device, precision)
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device) -> DiffBIRPipeline:
@@ -139,18 +74,55 @@ def build_pipeline(args: argparse.Namespace, device: torch.device) -> DiffBIRPip
     return random_pipeline(spec, device, args.precision, args.seed)
 
 
-def parameter_counts(pipe: DiffBIRPipeline) -> dict[str, int]:
+def diffir_pipeline(args: argparse.Namespace, device: torch.device) -> DiffIRPipeline:
+    """DiffIR x4: random (the released architecture, or --tiny's), or DiffIRS2-GAN.pth of
+    --weights-dir."""
+    if args.weights_dir is not None:
+        return DiffIRPipeline.from_pretrained(args.weights_dir, str(device), offline=True)
+    torch.manual_seed(args.seed)
+    if args.tiny:
+        tiny = OmegaConf.load(TINY_CONFIGS / "diffir_s2.yaml").system.params.network.params
+        return DiffIRPipeline(DiffIRS2(**OmegaConf.to_container(tiny)).to(device))
+    return DiffIRPipeline(DiffIRS2(**model_kwargs(RELEASED_X4)).to(device))
+
+
+def bench_diffir_size(
+    pipe: DiffIRPipeline, size: tuple[int, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Whole-image seconds and peak memory at output size `size` (LQ of size / 4)."""
+    lq_size = [max(1, round(s / pipe.scale)) for s in size]
+    lq = torch.rand((1, 3, *lq_size), generator=torch.Generator().manual_seed(args.seed))
+    tile = {"tile_size": args.diffir_tile_size, "tile_stride": args.diffir_tile_stride}
+    for _ in range(args.warmup):
+        pipe(lq, args.seed, **tile)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    seconds = []
+    for i in range(args.repeat):
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        start = time.perf_counter()
+        out = pipe(lq, args.seed, **tile)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        seconds.append(time.perf_counter() - start)
+        log.info("%dx%d: call %d/%d, %.3f s", *size, i + 1, args.repeat, seconds[-1])
+    return {"size": list(size), "lq_size": lq_size, "output_size": list(out.shape[-2:]),
+            WHOLE: {"seconds": summarize(seconds), "peak_memory_bytes": peak_memory(pipe.device)}}  # fmt: skip
+
+
+def parameter_counts(pipe: DiffBIRPipeline | DiffIRPipeline) -> dict[str, int]:
     """Parameters of every network of the pipeline."""
+    if isinstance(pipe, DiffIRPipeline):
+        return {"diffir": sum(p.numel() for p in pipe.network.parameters())}
     cldm = pipe.cldm
     modules = {"stage1": pipe.stage1, "controlnet": cldm.controlnet, "unet": cldm.unet,
                "vae": cldm.vae, "text_encoder": cldm.text_encoder}  # fmt: skip
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: allocated by torch on CUDA since the last reset, process RSS on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+def process_peak_memory() -> int:
+    """The process's lifetime peak RSS in bytes (loading included)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB else
 
@@ -182,11 +154,10 @@ class Probe:
             torch.cuda.synchronize(self.device)
 
     def start(self) -> float:
-        """Synchronise, open a new peak-memory window (CUDA) and return the time."""
+        """Synchronise, open a new peak-memory window and return the time."""
         self._sync()
-        if self.device.type == "cuda":
-            self._run_peak = max(self._run_peak, torch.cuda.max_memory_allocated(self.device))
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._run_peak = max(self._run_peak, peak_memory(self.device))
+        reset_peak_memory(self.device)
         return time.perf_counter()
 
     def stop(self, part: str, start: float) -> float:
@@ -339,7 +310,8 @@ def format_table(report: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {size} | {r['error']} |")
             continue
-        cells = [f"{r['parts'][p]['seconds']['median']:.3f}" for p in PARTS]
+        parts = r.get("parts", {})  # --method diffir: the whole image only
+        cells = [f"{parts[p]['seconds']['median']:.3f}" if p in parts else "-" for p in PARTS]
         whole = r[WHOLE]
         cells += [f"{whole['seconds']['median']:.3f}", f"{whole['peak_memory_bytes'] / 2**30:.2f}"]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
@@ -358,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; sampling and tiling flags are inference.py's."""
     d = PipelineOptions()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m scripts.benchmark")
+    p.add_argument("--method", choices=("diffbir", "diffir"), default="diffbir", help="pipeline to time (diffir: DiffIR x4, whole-image calls only)")
+    p.add_argument("--calibrate-memory", action="store_true", help="measure each stage's activation memory at 256 and 512 px (the --max-memory cost model) instead of timing")
+    p.add_argument("--diffir-tile-size", type=int, help="--method diffir: DIRformer tile size (LQ pixels)")
+    p.add_argument("--diffir-tile-stride", type=int, help="--method diffir: DIRformer tile stride")
     p.add_argument("--sizes", type=_sizes, default="512", help="output sizes, e.g. 512,1024,2048 or 512x768")
     p.add_argument("--warmup", type=int, default=1, help="untimed whole-image calls per size")
     p.add_argument("--repeat", type=int, default=3, help="timed whole-image calls per size")
@@ -431,12 +407,24 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     try:
-        pipe = build_pipeline(args, device)
+        build = diffir_pipeline if args.method == "diffir" else build_pipeline
+        pipe = build(args, device)
     except (MissingWeightsError, WeightFileError) as exc:  # names the files and where to get them
         log.error("%s", exc)
         return 1
     build_seconds = time.perf_counter() - start
-    results = run_benchmark(pipe, options, args)
+    build_peak = process_peak_memory() if device.type == "cpu" else peak_memory(device)
+    if args.calibrate_memory:
+        report = {**environment(pipe.device), "precision": pipe.precision,
+                  "memory_calibration": calibrate(pipe)}  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(report["memory_calibration"], indent=1))
+        return 0
+    if args.method == "diffir":
+        results = [bench_diffir_size(pipe, size, args) for size in args.sizes]
+    else:
+        results = run_benchmark(pipe, options, args)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     weights = {role: str(path) for role, path in pipe.weight_paths.items()}
     settings.update(
@@ -449,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "parameters": parameter_counts(pipe),
         "build_seconds": build_seconds,
+        "build_peak_memory_bytes": build_peak,
         "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss",
         "results": results,
     }

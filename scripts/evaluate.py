@@ -7,6 +7,10 @@ sized GT images are reported and skipped for full-reference metrics. The learned
 from pyiqa, reading weights from `--metric-weights-dir` (torch-hub layout) when given.
 
     python -m scripts.evaluate --results out/ --gt data/gt --out eval/ --metrics psnr,ssim,lpips
+    torchrun --nproc-per-node 4 -m scripts.evaluate --results out/ --gt data/gt --out eval/
+
+Under torchrun each process scores its share of the images on its own device and rank 0 writes
+the merged results, equal to one process's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from model.eval.scoring import (
     metric_device,
 )
 from model.io.logs import setup_logging
+from model.pipelines.distributed import device_for, from_env, shutdown
 
 
 def _metric_list(text: str) -> tuple[str, ...]:
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if folder is not None and not folder.is_dir():
             parser.error(f"{flag} {folder}: not a folder")
+    dist = from_env()
     try:
         cfg = EvalConfig(
             results=args.results,
@@ -78,14 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             y_channel=args.y_channel,
             crop_border=args.crop_border,
             metric_weights_dir=args.metric_weights_dir,
-            device=metric_device(args.device),
+            device=device_for(metric_device(args.device), dist),
             batch_size=args.batch_size,
             seed=args.seed,
         )
     except ValueError as e:
         parser.error(str(e))
-    report, _, table = evaluate_folder(cfg, args.out)
-    print(table)
+    report, _, table = evaluate_folder(cfg, args.out, dist)
+    if dist.is_main:
+        print(table)
+    shutdown(dist)
     return 1 if report.errors or not report.items else 0
 
 

@@ -22,6 +22,8 @@ protocol). The steps, each a library call (see --dry-run):
 
 `--dry-run` prints the table with this run's cells empty ("—") and the steps, and writes
 nothing. `--set KEY=VALUE` changes any config entry (dotted path, YAML value) before the run.
+Under torchrun (`torchrun --nproc-per-node 4 -m scripts.reproduce ...`) rank 0 makes the test
+set, every process restores and scores its share, and rank 0 writes the table.
 """
 
 from __future__ import annotations
@@ -45,10 +47,18 @@ from model.eval.reproduce import (
 )
 from model.eval.scoring import EvalConfig, evaluate_folder
 from model.io.checkpoint import WeightFileError
-from model.io.folder_jobs import OutputSettings, collect_inputs, make_jobs
+from model.io.claims import Claims
+from model.io.folder_jobs import (
+    OutputSettings,
+    check_writable,
+    collect_inputs,
+    make_jobs,
+    triage,
+)
 from model.io.logs import setup_logging
 from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
-from model.pipelines.folder_run import FolderRunner, run_record
+from model.pipelines.distributed import Dist, all_gather, device_for, from_env, run_id, shutdown
+from model.pipelines.folder_run import Counts, FolderRunner, finish, run_record
 from model.pipelines.loading import load_pretrained_task
 
 log = logging.getLogger(__name__)
@@ -155,33 +165,55 @@ def plan(
 # --------------------------------------------------------------------------- run
 
 
-def restore(cfg: ReproduceConfig, opts: RunOptions, limit: int | None) -> int:
-    """Restore the first `limit` LQ images (None: all) into OUT/restored, finished ones skipped;
-    returns 0, or 1 when some failed."""
+def restore(cfg: ReproduceConfig, opts: RunOptions, limit: int | None, dist: Dist) -> int:
+    """Restore the first `limit` LQ images (None: all) into OUT/restored, finished ones skipped,
+    shared by the processes of `dist`; returns 0, or 1 when some failed."""
     settings = OutputSettings(opts.restored)
+    model_config = None if opts.model_config is None else str(opts.model_config)
+    parameters = {"version": cfg.version, "task": cfg.task, "precision": opts.precision,
+                  "model_config": model_config, "options": dataclasses.asdict(cfg.options)}  # fmt: skip
+    pipeline = None
     try:
         files, root, captions = collect_inputs(str(image_folders(cfg, opts)[0]), opts.restored)
         jobs = make_jobs(files[:limit], root, settings, captions)
-        todo = [job for job in jobs if opts.overwrite or not job.done()]
-        if not todo:
-            log.info("restore: all %d images already done", len(jobs))
-            return 0
-        pipeline = load_pretrained_task(
-            cfg.version, cfg.task, weights_dir=opts.weights_dir,
-            device=opts.device, dtype=opts.precision, model_config=opts.model_config,
-            offline=opts.offline,
-        )  # fmt: skip
+        check_writable(opts.restored, "--out")
+        todo, skipped, skipped_other = triage(jobs, parameters, opts.overwrite)
+        if todo:
+            pipeline = load_pretrained_task(
+                cfg.version, cfg.task, weights_dir=opts.weights_dir,
+                device=device_for(opts.device, dist), dtype=opts.precision,
+                model_config=opts.model_config, offline=opts.offline,
+            )  # fmt: skip
     except (MissingWeightsError, WeightFileError, ValueError, OSError) as e:
         raise ConfigError(f"restore: {e}") from e
-    runner = FolderRunner(pipeline, cfg.options, run_record(
-        pipeline, cfg.options, cfg.version, cfg.task, {"config": str(cfg.path), **vars(opts)},
-        None if opts.model_config is None else str(opts.model_config),
-    ), settings,
-                          progress=False)  # fmt: skip
-    runner.run(todo)
-    log.info("restore: %d restored, %d skipped (already done), %d failed -> %s",
-             runner.restored, len(jobs) - len(todo), len(runner.failed), opts.restored)  # fmt: skip
-    return 1 if runner.failed else 0
+    claims, counts = Claims(run_id(dist), dist.rank, dist.world_size), Counts()
+    if pipeline is not None:
+        arguments = {"config": str(cfg.path), **vars(opts)}
+        record = run_record(pipeline, cfg.options, cfg.version, cfg.task, arguments, parameters,
+                            model_config)  # fmt: skip
+        runner = FolderRunner(pipeline, cfg.options, record, settings, claims,
+                              overwrite=opts.overwrite, progress=False)  # fmt: skip
+        counts = runner.run(todo)
+    summary = finish(dist, claims, counts, jobs, skipped, skipped_other)
+    if dist.is_main:
+        for line in summary.lines(opts.restored):
+            log.info("restore: %s", line.strip())
+    return summary.exit_code
+
+
+def _testset(testset: TestsetConfig) -> dict:
+    """The test set's meta.json, made first unless an existing one records the same settings."""
+    try:
+        meta = existing_testset(testset)
+    except ValueError as e:
+        raise ConfigError(f"{e}; choose a new --out") from e
+    if meta is None:
+        meta = make_testset(testset)
+    else:
+        log.info("%s: test set already made; reused", testset.out)
+    if not meta["images"]:
+        raise ConfigError(f"{testset.out}: no test images could be made from {testset.gt}")
+    return meta
 
 
 def run(
@@ -190,27 +222,22 @@ def run(
     testset: TestsetConfig | None,
     scoring: EvalConfig,
     steps: list[Step],
+    dist: Dist,
 ) -> int:
-    """Run the steps and write OUT/table.md; 0 ok, 1 partly failed, 2 could not finish."""
+    """Run the steps and write OUT/table.md; 0 ok, 1 partly failed, 2 could not finish. Rank 0
+    makes the test set (the others wait for it) and writes the table."""
     status = 0
     if testset is not None:
-        try:
-            meta = existing_testset(testset)
-        except ValueError as e:
-            raise ConfigError(f"{e}; choose a new --out") from e
-        if meta is None:
-            meta = make_testset(testset)
-        else:
-            log.info("%s: test set already made; reused", testset.out)
-        if not meta["images"]:
-            raise ConfigError(f"{testset.out}: no test images could be made from {testset.gt}")
+        meta = all_gather(dist, _testset(testset) if dist.is_main else None)[0]
         status = 1 if meta["skipped"] else 0
-    status = max(status, restore(cfg, opts, restore_limit(testset, opts)))
-    report, summary, _ = evaluate_folder(scoring, opts.eval_dir)
+    status = max(status, restore(cfg, opts, restore_limit(testset, opts), dist))
+    scoring = dataclasses.replace(scoring, device=device_for(scoring.device, dist))
+    report, summary, _ = evaluate_folder(scoring, opts.eval_dir, dist)
     status = max(status, 1 if report.errors or not report.items else 0)
-    table = render_table(cfg, summary, steps)
-    (opts.out / "table.md").write_text(table, encoding="utf-8")
-    print(table)
+    if dist.is_main:
+        table = render_table(cfg, summary, steps)
+        (opts.out / "table.md").write_text(table, encoding="utf-8")
+        print(table)
     return status
 
 
@@ -275,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--data {args.data}: not a folder")
         if testset is None and not lq.is_dir():
             raise ConfigError(f"{lq}: LQ folder of {cfg.name} not found (data.lq)")
-        return run(cfg, opts, testset, scoring, steps)
+        dist = from_env()
+        try:
+            return run(cfg, opts, testset, scoring, steps, dist)
+        finally:
+            shutdown(dist)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch
 from model.io.weights import REGISTRY
 from model.nets.cldm import ControlLDM
 from model.nets.swinir import SwinIR
+from model.pipelines import random_weights
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.options import PipelineOptions
 from model.pipelines.presets import VERSIONS, model_spec
@@ -80,7 +81,7 @@ def test_json_has_every_field_and_the_parts_fit_in_the_whole(
 ) -> None:
     report = _run(tmp_path, "--warmup", "1", "--repeat", "2")
     assert set(report) == {
-        "versions", "device", "settings", "parameters", "build_seconds", "memory_kind", "results"
+        "versions", "device", "settings", "parameters", "build_seconds", "build_peak_memory_bytes", "memory_kind", "results"
     }  # fmt: skip
     versions = report["versions"]
     assert versions["torch"] == torch.__version__ and versions["project"]
@@ -186,9 +187,9 @@ def test_weights_dir_loads_through_from_pretrained(
 
 
 def test_random_weights_are_finite_and_scaled() -> None:
-    config = benchmark.tiny_model_config()
+    config = random_weights.tiny_model_config()
     spec = model_spec("v2.1", "sr", config)
-    pipe = benchmark.random_pipeline(spec, torch.device("cpu"), "fp32")
+    pipe = random_weights.random_pipeline(spec, torch.device("cpu"), "fp32")
     for name, param in pipe.cldm.unet.named_parameters():  # meta-built, filled from the pool
         assert torch.isfinite(param).all(), name
         if param.ndim >= 2 and param.numel() > 1000:

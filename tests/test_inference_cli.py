@@ -96,6 +96,51 @@ def test_folder_run_skips_bad_files_and_resumes(weights: Path, tmp_path: Path, c
     assert all((out / name).read_bytes() == first[name] for name in expected)
 
 
+def test_captioner_prompts_each_image_and_is_cached_in_the_sidecar(
+    weights: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from model.pipelines.captioner import TransformersCaptioner
+    from scripts.tiny_captioners import write_tiny_blip
+
+    blip = write_tiny_blip(tmp_path / "blip")
+    _write_inputs(tmp_path / "in")
+    src, out = tmp_path / "in" / "rgb.png", tmp_path / "out"
+    argv = _base(weights, src, out) + [
+        "--upscale", "2", "--steps", "1", "--captioner", "blip", "--captioner-model", str(blip),
+        "--tile-captions", "--pos-prompt", "sharp",
+    ]  # fmt: skip
+    assert inference.main(argv) == 0
+    sidecar = json.loads((out / "rgb.png.json").read_text())
+    caption = sidecar["caption"]
+    assert caption and sidecar["captioner"] == "blip" and sidecar["options"]["tile_captions"]
+    first = (out / "rgb.png").read_bytes()
+
+    def fail(*_):
+        raise AssertionError("the sidecar's caption should be reused")
+
+    monkeypatch.setattr(TransformersCaptioner, "__call__", fail)
+    assert inference.main(argv + ["--overwrite"]) == 0
+    assert json.loads((out / "rgb.png.json").read_text())["caption"] == caption
+    assert (out / "rgb.png").read_bytes() == first
+
+
+def test_max_memory_records_its_tiles_and_refuses_a_budget_below_the_weights(
+    weights: Path, tmp_path: Path, capsys
+) -> None:
+    _write_inputs(tmp_path / "in")
+    src, out = tmp_path / "in" / "rgb.png", tmp_path / "out"
+    argv = _base(weights, src, out) + ["--upscale", "2", "--steps", "1"]
+    assert inference.main(argv + ["--max-memory", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-memory 0.01 GB is below what is resident" in err[0]
+    run = argv + ["--max-memory", "500", "--precision", "bf16", "--vae-precision", "fp32"]
+    assert inference.main(run) == 0
+    sidecar = json.loads((out / "rgb.png.json").read_text())
+    assert sidecar["tiles"] == {"stage1": None, "vae_encoder": None, "vae_decoder": None,
+                                "diffusion": None}  # fmt: skip
+    assert sidecar["precision"] == "bf16" and sidecar["arguments"]["vae_precision"] == "fp32"
+
+
 def test_stage1_only_needs_only_the_stage1_weights(weights: Path, tmp_path: Path, capsys) -> None:
     _write_inputs(tmp_path / "in")
     argv = [
@@ -396,3 +441,17 @@ def test_every_flag_is_exercised() -> None:
     assert len(flags) > 50
     unused = [flag for flag in flags if f'"{flag}"' not in source]
     assert not unused, f"flags never used in the CLI tests: {unused}"
+
+
+def test_diffir_method_flags_fail_early(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--method diffir serves --task sr only and names a missing --diffir-ckpt (folders are
+    restored in tests/test_diffir_pipeline.py)."""
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    base = ["--input", str(image), "--output", str(tmp_path / "out"), "--method", "diffir"]
+    with pytest.raises(SystemExit) as exc:
+        inference.main([*base, "--task", "face"])
+    assert exc.value.code == 2 and "--method diffir" in capsys.readouterr().err
+    missing = tmp_path / "missing.pth"
+    assert inference.main([*base, "--diffir-ckpt", str(missing), "--diffir-scale", "2"]) == 2
+    assert "missing.pth: file not found" in capsys.readouterr().err

@@ -7,6 +7,7 @@ on a plausible wiring bug; tolerances are stated where results are not bit-ident
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -299,10 +300,7 @@ def test_set_sampler_precision_and_offload(tiny_pipe: DiffBIRPipeline) -> None:
     assert (pipe.options.sampler, pipe.options.ddim_eta) == ("ddim", 0.5)
     overrides = dict(upscale=2, min_short_side=32, steps=2)
     torch.testing.assert_close(pipe(lq, **overrides).images, base, atol=0, rtol=0)
-    # bf16 autocast on the CPU: close to fp32, not equal; fp16 falls back to fp32 on the CPU
-    assert pipe.to(dtype=torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16
-    bf16 = pipe(lq, **overrides).images
-    assert torch.isfinite(bf16).all() and 0 < (bf16 - base).abs().mean() < 0.1
+    # fp16 falls back to fp32 on the CPU
     assert pipe.to(dtype="fp16").precision == "fp32"
     torch.testing.assert_close(pipe(lq, **overrides).images, base, atol=0, rtol=0)
     pipe.enable_model_cpu_offload("cpu")
@@ -310,6 +308,33 @@ def test_set_sampler_precision_and_offload(tiny_pipe: DiffBIRPipeline) -> None:
     torch.testing.assert_close(pipe(lq, **overrides).images, base, atol=0, rtol=0)
     pipe.disable_model_cpu_offload()
     assert not pipe.offload
+
+
+def _weight_dtypes(module: torch.nn.Module) -> set[tuple[str, torch.dtype]]:
+    return {(type(m).__name__ if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)
+             else "other", p.dtype) for m in module.modules() for p in m.parameters(recurse=False)}  # fmt: skip
+
+
+def test_bf16_casts_the_weights_and_keeps_norms_in_fp32(tiny_pipe: DiffBIRPipeline) -> None:
+    lq, overrides = _lq(7), dict(upscale=2, min_short_side=32, steps=2, sampler="ddim")
+    base = tiny_pipe(lq, **overrides).images
+    low = copy.deepcopy(tiny_pipe)  # casting is lossy: never on the shared modules
+    assert low.to(dtype=torch.bfloat16) is low and low.dtype == torch.bfloat16
+    for module in (low.cldm.unet, low.cldm.controlnet, low.cldm.vae, low.cldm.text_encoder):
+        dtypes = _weight_dtypes(module)
+        assert ("other", torch.bfloat16) in dtypes and ("other", torch.float32) not in dtypes
+        assert ("GroupNorm", torch.bfloat16) not in dtypes and (
+            "LayerNorm",
+            torch.bfloat16,
+        ) not in dtypes
+    bf16 = low(lq, **overrides).images
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert 0 < (bf16 - base).abs().mean() < 0.1
+    # vae_precision="fp32": the VAE and text encoder stay fp32
+    kept = DiffBIRPipeline(low.stage1, low.cldm, low.diffusion, "cpu", "bf16", vae_precision="fp32")
+    assert {p.dtype for p in kept.cldm.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in kept.cldm.text_encoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in kept.cldm.unet.conv_in.parameters()} == {torch.bfloat16}
 
 
 # ---- tiled diffusion and latent guidance through the pipeline ------------------------------------

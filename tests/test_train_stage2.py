@@ -17,6 +17,7 @@ import torch
 
 import train
 from model.io.cldm_files import load_controlnet
+from model.train.checkpointing import ResumeError
 from model.train.instantiate import instantiate
 from model.train.stage2 import TRAINABLE_PREFIX, Stage2System
 
@@ -41,7 +42,12 @@ def overrides(tiny_weights: Path, demo_images: Path) -> list[str]:
 def run_args(out: Path, overrides: list[str], steps: int, *extra: str) -> list[str]:
     return ["--config", CONFIG, "--output-dir", str(out), *extra, *overrides,
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={STEPS}",
-            f"checkpoint.every_n_train_steps={steps}"]  # fmt: skip
+            f"checkpoint.every_n_train_steps={STEPS // 2}"]  # fmt: skip
+
+
+def logged_losses(run: Path) -> list[tuple[int, str]]:
+    with (run / "logs" / "tiny" / "metrics.csv").open() as f:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,11 @@ def test_training_lowers_the_loss_and_saves_trainable_weights_only(
     trained: Path, overrides: list[str]
 ) -> None:
     with (trained / "logs" / "tiny" / "metrics.csv").open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
     assert len(losses) == STEPS
+    (psnr,) = [float(r["val/psnr"]) for r in rows if r.get("val/psnr")]  # of the samples
+    assert 0 < psnr < 60
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == STEPS
     system = fresh_system(overrides)
@@ -99,36 +108,60 @@ def test_training_lowers_the_loss_and_saves_trainable_weights_only(
     assert fixed_loss(system, batch) < 0.8 * before
 
 
-def test_resume_restores_the_lacontrolnet_exactly(
+def test_resume_restores_the_lacontrolnet_and_the_losses_exactly(
     trained: Path, overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    middle = run / "checkpoints" / f"step{STEPS // 2:08d}.ckpt"
+    saved = torch.load(middle, weights_only=True)["state_dict"]
     at_start: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(
         Stage2System, "on_train_start", lambda self: at_start.append(controlnet_state(self))
     )
-    assert train.main(run_args(run, overrides, STEPS + 1, "--resume", "last")) == 0
+    assert train.main(run_args(run, overrides, STEPS, "--resume", str(middle))) == 0
     (resumed,) = at_start
     assert set(resumed) == set(saved)
     assert all(torch.equal(resumed[k], v) for k, v in saved.items())
     initial = controlnet_state(fresh_system(overrides))
     assert not all(torch.equal(resumed[k], v) for k, v in initial.items())
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == STEPS + 1
+    # the same timesteps, noise and posterior samples: the same losses, to the last bit
+    rows = logged_losses(run)
+    assert rows[STEPS:] == logged_losses(trained)[STEPS // 2 :]
 
 
-def test_resume_from_a_checkpoint_missing_weights_fails(
-    trained: Path, overrides: list[str], tmp_path: Path
+def test_resume_from_a_checkpoint_missing_weights_fails_in_one_line(
+    trained: Path, overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     dropped = sorted(ckpt["state_dict"])[3]
     del ckpt["state_dict"][dropped]
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
-    with pytest.raises(ValueError, match=f"lacks 1 LAControlNet tensor.*{dropped}"):
-        train.main(run_args(tmp_path / "run", overrides, STEPS + 1, "--resume", str(bad)))
+    capsys.readouterr()
+    rc = train.main(run_args(tmp_path / "run", overrides, STEPS + 1, "--resume", str(bad)))
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert line == f"error: --resume {bad}: checkpoint lacks 1 LAControlNet tensor(s): {dropped}"
+
+
+def test_resume_checks_unexpected_tensors_and_the_frozen_weights(
+    trained: Path, overrides: list[str]
+) -> None:
+    system = fresh_system(overrides)
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    system.on_load_checkpoint(ckpt)  # the same frozen files: accepted
+    extra = {
+        **ckpt,
+        "state_dict": {**ckpt["state_dict"], TRAINABLE_PREFIX + "extra": torch.ones(1)},
+    }
+    with pytest.raises(ResumeError, match="has unexpected 1 LAControlNet tensor.*extra"):
+        system.on_load_checkpoint(extra)
+    with torch.no_grad():
+        system.cldm.vae.decoder.conv_out.bias.add_(1e-3)  # as if another SD file were loaded
+    system._frozen_digests = None
+    with pytest.raises(ResumeError, match="frozen VAE weights differ"):
+        system.on_load_checkpoint(ckpt)
 
 
 def test_one_step_changes_only_the_lacontrolnet(overrides: list[str]) -> None:

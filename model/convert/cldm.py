@@ -62,7 +62,14 @@ def cldm_from_original(
         # init_from_unet writes every tensor (copy, zero-extend or zero), so start empty.
         controlnet = controlnet.to_empty(device="cpu")
         report = controlnet.init_from_unet(modules["unet"])
-        logger.info("LAControlNet initialised from the UNet:\n%s", report.format())
+        logger.info(
+            "LAControlNet initialised from the UNet: %d tensors copied, %d zero-extended, "
+            "%d zero-initialised",
+            len(report.copied),
+            len(report.zero_extended),
+            len(report.zero_initialised),
+        )
+        logger.debug("LAControlNet initialisation:\n%s", report.format())
     else:
         with torch.device("meta"):
             check_controlnet_original(build_controlnet(), controlnet_state)

@@ -47,10 +47,17 @@ def check_controlnet_original(controlnet: LAControlNet, state: Mapping[str, torc
             )
 
 
-def load_controlnet_original(controlnet: LAControlNet, state: Mapping[str, torch.Tensor]) -> None:
-    """Load an original-layout ControlNet state dict strictly (see `check_controlnet_original`)."""
+def load_controlnet_original(
+    controlnet: LAControlNet, state: Mapping[str, torch.Tensor], assign: bool = False
+) -> None:
+    """Load an original-layout ControlNet state dict strictly (see `check_controlnet_original`);
+    `assign` makes the (fp32) tensors of `state` the parameters instead of copying them."""
     check_controlnet_original(controlnet, state)
-    controlnet.load_state_dict(controlnet_state_from_original(state, controlnet.layout))
+    controlnet.load_state_dict(
+        controlnet_state_from_original(state, controlnet.layout), assign=assign
+    )
+    if assign:
+        controlnet.float()
 
 
 def controlnet_state_to_original(controlnet: LAControlNet) -> StateDict:

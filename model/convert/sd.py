@@ -120,8 +120,10 @@ def build_loaded(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
     """`build()` with `state` loaded, skipping the random init when `state` covers everything.
 
     Random init of the full SD 2.1 model takes tens of seconds on a CPU. A module built on the
-    meta device can only be materialised empty if it has no non-persistent buffers (those keep
-    their constructed values, e.g. the text encoder's causal mask).
+    meta device takes the tensors of `state` as its parameters (no copy; memory-mapped when the
+    file was), which needs every buffer to be in `state` (non-persistent ones keep their
+    constructed values, e.g. the text encoder's causal mask: such modules are built normally).
+    Parameters are fp32 (as the module builds them) whatever the file stores.
     """
     with torch.device("meta"):
         module = build()
@@ -131,8 +133,10 @@ def build_loaded(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
         module = build()
         module.load_state_dict(state, strict=False)
     else:
-        module = module.to_empty(device="cpu")
-        module.load_state_dict(state)
+        # the loaded tensors become the parameters: no second copy of the weights
+        module.load_state_dict(state, assign=True)
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
     return module
 
 

@@ -6,7 +6,10 @@ Missing or differently sized GT images are reported by name and skipped for full
 metrics. PSNR/SSIM come from `model.eval.metrics` (BasicSR conventions); the learned metrics come
 from pyiqa (`model.eval.iqa`), reading weights from a local folder (torch-hub layout) when given.
 Outputs: a per-image metrics.csv, a summary.json (means, counts, settings, versions) and a
-paper-style summary.md.
+paper-style summary.md. Under torchrun the images are dealt out in blocks of `batch_size`
+(block k to rank k mod world size, a batch never crossing a block), so every rank scores the
+batches one process would, and the merged report equals one process's; rank 0 computes FID and
+writes the outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from tqdm import tqdm
 
 from model.eval.iqa import PYIQA_NAMES, MetricUnavailable, build_pyiqa_metric
 from model.eval.metrics import psnr, ssim
+from model.io.atomic import is_partial
 from model.io.images import IMAGE_EXTENSIONS, ImageReadError, read_image
+from model.pipelines.distributed import SINGLE, Dist, all_gather
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +112,11 @@ class Report:
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, sorted."""
+    """Image files under `root`, recursively, sorted (unfinished writes left out)."""
     return sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not is_partial(p.name)
     )
 
 
@@ -240,8 +247,42 @@ def _fid(cfg: EvalConfig, model: torch.nn.Module) -> float:
     return float(model(str(cfg.results), str(cfg.gt), device=device, **kwargs))
 
 
-def evaluate(cfg: EvalConfig) -> Report:
-    """Pair, load and score every image of `cfg.results`; never stops on one bad metric/file."""
+def _score_blocks(
+    items: list[Item], models: dict[str, torch.nn.Module], cfg: EvalConfig, dist: Dist
+) -> list[tuple[int, dict[str, dict[str, float]], Report]]:
+    """(block index, scores by image, what went wrong) of each block of this rank."""
+    size, done = cfg.batch_size, []
+    starts = range(dist.rank * size, len(items), dist.world_size * size)
+    total = sum(len(items[start : start + size]) for start in starts)
+    with tqdm(total=total, desc="evaluate", unit="img", disable=not dist.is_main) as bar:
+        for start in starts:
+            block = Report(items=items[start : start + size])
+            for batch in _batches(_load(block.items, block), size):
+                _score_batch(batch, models, cfg, block)
+            done.append((start, {it.name: it.scores for it in block.items}, block))
+            bar.update(len(block.items))
+    return done
+
+
+def _merge_blocks(report: Report, dist: Dist, blocks: list) -> None:
+    """Every rank's blocks into `report`, in image order (as one process would fill it)."""
+    merged = sorted((b for rank_blocks in all_gather(dist, blocks) for b in rank_blocks),
+                    key=lambda b: b[0])  # fmt: skip
+    scores = {
+        name: values for _, block_scores, _ in merged for name, values in block_scores.items()
+    }
+    for item in report.items:
+        item.scores = scores.get(item.name, {})
+    for _, _, block in merged:
+        report.unreadable += block.unreadable
+        report.size_mismatch += block.size_mismatch
+        for metric, message in block.errors.items():
+            report.errors.setdefault(metric, message)
+
+
+def evaluate(cfg: EvalConfig, dist: Dist = SINGLE) -> Report:
+    """Pair, load and score every image of `cfg.results` (this rank's share, merged over the
+    ranks); never stops on one bad metric/file."""
     items, missing = pair_images(cfg.results, cfg.gt)
     report = Report(items=items, missing_gt=missing)
     for name in missing:
@@ -259,15 +300,17 @@ def evaluate(cfg: EvalConfig) -> Report:
         except MetricUnavailable as e:
             report.errors[metric] = str(e)
             log.error("%s", e)
-    with tqdm(total=len(items), desc="evaluate", unit="img") as bar:
-        for batch in _batches(_load(items, report), cfg.batch_size):
-            _score_batch(batch, models, cfg, report)
-            bar.update(len(batch))
+    _merge_blocks(report, dist, _score_blocks(items, models, cfg, dist))
     if "fid" in models:
-        try:
-            report.fid = _fid(cfg, models["fid"])
-        except Exception as e:  # e.g. too few images for a covariance
-            report.errors["fid"] = f"fid: failed ({str(e).strip() or type(e).__name__})"
+        fid, error = None, None
+        if dist.is_main:
+            try:
+                fid = _fid(cfg, models["fid"])
+            except Exception as e:  # e.g. too few images for a covariance
+                error = f"fid: failed ({str(e).strip() or type(e).__name__})"
+        report.fid, error = all_gather(dist, (fid, error))[0]
+        if error:
+            report.errors["fid"] = error
     return report
 
 
@@ -372,13 +415,16 @@ def write_outputs(out: Path, report: Report, summary: dict, table: str) -> None:
     (out / "summary.md").write_text(table, encoding="utf-8")
 
 
-def evaluate_folder(cfg: EvalConfig, out: Path | None = None) -> tuple[Report, dict, str]:
-    """`evaluate`, then the summary and its markdown table, written under `out` when given."""
-    report = evaluate(cfg)
+def evaluate_folder(
+    cfg: EvalConfig, out: Path | None = None, dist: Dist = SINGLE
+) -> tuple[Report, dict, str]:
+    """`evaluate`, then the summary and its markdown table, written under `out` when given
+    (by rank 0)."""
+    report = evaluate(cfg, dist)
     if not report.items:
         log.error("%s: no images found (extensions %s)", cfg.results, ", ".join(IMAGE_EXTENSIONS))
     summary = summarize(report, cfg)
     table = markdown_table(summary)
-    if out is not None:
+    if out is not None and dist.is_main:
         write_outputs(out, report, summary, table)
     return report, summary, table

@@ -1,12 +1,16 @@
 """Reading and writing weight files.
 
-Released DiffBIR files are `.pth`/`.ckpt`/`.pt` pickles (read with `weights_only=True`);
-our own files are safetensors with their config stored as JSON in the metadata.
+Released DiffBIR files are `.pth`/`.ckpt`/`.pt` pickles, read with `weights_only=True`: a pickle
+that would run code (build any object but tensors and plain containers) is refused unread.
+Our own files are safetensors with their config stored as JSON in the metadata.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,19 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> StateDict:
     }
 
 
+def _read_error(path: Path, exc: Exception) -> str:
+    """One line for a file `torch.load` refused or could not read (never torch's advice to
+    retry with `weights_only=False`)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        code = re.search(r"GLOBAL (\w+(?:\.\w+)+)\s", text)
+        if code:
+            return f"{path}: contains code ({code[1]}), refused: weight files may hold only tensors"
+        return f"{path}: cannot read weights (corrupt, or not a PyTorch weight file)"
+    reason = text.strip().split(". ")[0].splitlines()[0] if text.strip() else type(exc).__name__
+    return f"{path}: cannot read weights ({reason})"
+
+
 def load_weight_file(path: str | Path) -> StateDict:
     """Load a released or our own weight file onto the CPU as a flat state dict."""
     path = Path(path)
@@ -44,12 +61,20 @@ def load_weight_file(path: str | Path) -> StateDict:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, wrong format, truncated download
-        raise WeightFileError(f"{path}: cannot read weights ({exc})") from exc
+        obj = _torch_load(path)
+    except Exception as exc:  # code in the pickle, corrupt file, wrong format, truncated download
+        raise WeightFileError(_read_error(path, exc)) from None
     if not isinstance(obj, Mapping):
         raise WeightFileError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return unwrap_state_dict(obj)
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load of tensors only, memory-mapped (no copy of the file in memory) unless the
+    file predates torch's zip format."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _summary(keys: list[str], what: str) -> str:

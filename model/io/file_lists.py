@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from model.io.atomic import is_partial
 from model.io.images import IMAGE_EXTENSIONS
 
 
@@ -15,13 +16,14 @@ def resolve_path(path: str, root: Path) -> str:
 
 
 def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Image files (by extension, case-insensitive) under `folder`, sorted."""
+    """Image files (by extension, case-insensitive) under `folder`, sorted; the temporary files
+    of unfinished writes (`model.io.atomic`) are left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     pattern = "**/*" if recursive else "*"
     files = (p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return sorted(str(p) for p in files if p.is_file())
+    return sorted(str(p) for p in files if p.is_file() and not is_partial(p.name))
 
 
 def read_file_list(path: str | os.PathLike) -> tuple[list[str], list[str]]:

@@ -149,7 +149,7 @@ def write_image(
         alpha: optional float (H, W) in [0, 1]; only for png, webp and tif.
         bit_depth: 8, or 16 for png/tif.
         quality: JPEG/WebP quality (1-100).
-        quantize: "round" or "truncate" (see `quantise`).
+        quantize: "round" or "truncate" (see `quantise`) for the colour; alpha is rounded.
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -163,16 +163,17 @@ def write_image(
         raise ValueError(f"{path}: format {ext} cannot store an alpha channel")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"{path}: expected an (H, W, 3) image, got shape {rgb.shape}")
-    img = rgb[:, :, ::-1]
+    img = quantise(rgb[:, :, ::-1], bit_depth, quantize)
     if alpha is not None:
-        img = np.concatenate([img, alpha[:, :, None]], axis=2)
+        # always rounded: a resized opaque alpha of 0.9999998 must stay 255, not truncate to 254
+        img = np.concatenate([img, quantise(alpha, bit_depth, "round")[:, :, None]], axis=2)
     params = []
     if ext in (".jpg", ".jpeg"):
         params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     elif ext == ".webp":
         params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
-    ok, encoded = cv2.imencode(ext, quantise(img, bit_depth, quantize), params)
+    ok, encoded = cv2.imencode(ext, img, params)
     if not ok:
         raise OSError(f"{path}: encoding as {ext} failed")
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded.tofile(path)
+    path.write_bytes(encoded.tobytes())  # unlike ndarray.tofile, a full disk sets errno

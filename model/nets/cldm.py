@@ -142,3 +142,19 @@ class ControlLDM(nn.Module):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text context (B, 77, context_dim) for a list of prompts."""
         return self.text_encoder(list(prompts))
+
+
+def cast_cldm(cldm: ControlLDM, dtype: torch.dtype, vae_too: bool = True) -> None:
+    """Cast the weights for a run in `dtype`, normalisations kept in fp32 (the original's
+    cast_dtype; calls then run under autocast): UNet and LAControlNet, and with `vae_too` the
+    VAE and text encoder (else fp32). Weights are cast, not only autocast: one copy in the run
+    precision instead of an fp32 copy re-cast at every call. Casting down is lossy."""
+    for module in cldm.unet, cldm.controlnet, cldm.vae, cldm.text_encoder:
+        if module is None:
+            continue
+        cast = vae_too or module is cldm.unet or module is cldm.controlnet
+        # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
+        nn.Module.to(module, dtype if cast else torch.float32)
+        for sub in module.modules():
+            if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
+                sub.float()

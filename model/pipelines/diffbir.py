@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,14 @@ from model.diffusion.callbacks import StepCallback
 from model.diffusion.noise import randn_rows
 from model.diffusion.samplers import make_sampler
 from model.diffusion.schedule import Diffusion
-from model.nets.cldm import ControlLDM
+from model.nets.cldm import ControlLDM, cast_cldm
 from model.nets.stage1 import Stage1Model
 from model.ops.color_fix import color_fix
 from model.ops.device import PRECISIONS, precision_name, resolve_device
 from model.ops.sizing import RESIZES, pad_to_multiple, resize
 from model.ops.tiling import tiled_forward
 from model.pipelines.inputs import OutputType, to_batch, to_output
+from model.pipelines.memory_plan import chosen_tiles, plan_for_budget
 from model.pipelines.options import PipelineOptions
 from model.pipelines.prompts import PromptCache, TextConditions
 from model.pipelines.sampling import (
@@ -47,6 +48,7 @@ from model.pipelines.sampling import (
 )
 
 logger = logging.getLogger(__name__)
+VAE_PRECISIONS = ("auto", "fp32")
 
 # enable_vae_tiling(): the original CLI's --vae_encoder_tile_size / --vae_decoder_tile_size.
 VAE_TILE_SIZE = 256
@@ -62,11 +64,13 @@ class PipelineResult:
             the input had it).
         stage1: the stage-1 images (I_reg) in the same form.
         seeds: the seed of each image, None where a generator was given.
+        tiles: the tile sizes `max_memory_gb` chose ({stage: side or None}), else None.
     """
 
     images: Any
     stage1: Any
     seeds: list[int | None]
+    tiles: dict[str, int | None] | None = None
 
 
 class DiffBIRPipeline:
@@ -77,10 +81,12 @@ class DiffBIRPipeline:
         cldm: the ControlLDM, or None for a stage-1-only pipeline.
         diffusion: its training schedule (None with `cldm=None`).
         device: "auto" (cuda > mps > cpu) or a torch device; the models are moved there.
-        precision: "fp32", "fp16" or "bf16" (or a torch dtype). Lower precision runs stage 1
-            and the ControlLDM network under autocast, with UNet/LAControlNet weights cast
-            (norms kept in fp32) on accelerators; the VAE and text encoder run in fp32. fp16 on
-            a CPU falls back to fp32.
+        precision: "fp32", "fp16" or "bf16" (or a torch dtype). Lower precision casts the
+            UNet/LAControlNet weights (norms kept in fp32) and runs stage 1 and the networks
+            under autocast, as the original does. fp16 on a CPU falls back to fp32.
+        vae_precision: "auto": the VAE and text encoder in `precision` too (weights cast,
+            autocast, as the original's autocast runs them; an fp16 VAE that overflows is
+            recomputed in fp32); "fp32": both always in fp32.
 
     Attributes:
         options: the defaults of every call; keyword arguments of a call override them, and
@@ -95,6 +101,7 @@ class DiffBIRPipeline:
         diffusion: Diffusion | None = None,
         device: str | torch.device = "auto",
         precision: str | torch.dtype = "fp32",
+        vae_precision: str = "auto",
     ) -> None:
         if (cldm is None) != (diffusion is None):
             raise ValueError("cldm and diffusion go together (both None for stage 1 only)")
@@ -106,6 +113,11 @@ class DiffBIRPipeline:
         self.offload = False
         self._prompt_cache = PromptCache(self._encode_text)
         self._warned_tile_captions = False
+        if vae_precision not in VAE_PRECISIONS:
+            raise ValueError(
+                f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}"
+            )
+        self.vae_precision = vae_precision
         self.device = resolve_device(device)
         self.precision = "fp32"
         self.to(self.device, precision)
@@ -161,15 +173,7 @@ class DiffBIRPipeline:
         return self.cldm is not None
 
     def _cast_network(self) -> None:
-        # Like the original's cast_dtype: blocks in half precision, normalisations in fp32.
-        # On the CPU weights stay fp32 under autocast.
-        dtype = self.dtype if self.device.type != "cpu" else torch.float32
-        for module in (self.cldm.unet, self.cldm.controlnet):
-            # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
-            nn.Module.to(module, dtype)
-            for sub in module.modules():
-                if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
-                    sub.float()
+        cast_cldm(self.cldm, self.dtype, vae_too=self.vae_precision == "auto")
 
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
         """Keep every network on the CPU and move each to `device` only while it runs
@@ -271,6 +275,7 @@ class DiffBIRPipeline:
             to_output(result.images, output_type, alphas),
             to_output(result.stage1, output_type, alphas),
             result.seeds,
+            result.tiles,
         )
 
     # ---- tensor-level stages -------------------------------------------------------------------
@@ -294,7 +299,10 @@ class DiffBIRPipeline:
         """Stage 1 alone: (B, 3, H_out, W_out) in [0, 1] (no diffusion weights needed)."""
         options = options or self.options
         lq = lq.to(self.device, torch.float32)
-        return resize(self.run_stage1(lq, options), self.output_size(lq, options)).clamp(0, 1)
+        out_size = self.output_size(lq, options)
+        if options.max_memory_gb is not None:
+            options = plan_for_budget(options, out_size, len(lq), self.device, self.dtype)
+        return resize(self.run_stage1(lq, options), out_size).clamp(0, 1)
 
     @torch.no_grad()
     def restore(
@@ -323,6 +331,8 @@ class DiffBIRPipeline:
             raise ValueError(f"need {batch} captions, got {len(captions)}")
         generators, used_seeds = per_image_generators(batch, options.seed, seeds, generator)
         out_size = self.output_size(lq, options)
+        if options.max_memory_gb is not None:
+            options = plan_for_budget(options, out_size, batch, self.device, self.dtype)
         cond_img = self.run_stage1(lq, options)
         texts = TextConditions(captions, prompt_embeds, negative_prompt_embeds)
         sample = self._diffuse(cond_img, options, generators, texts, latents, callback)
@@ -331,6 +341,7 @@ class DiffBIRPipeline:
             images=resize(sample, out_size).clamp(0, 1),
             stage1=resize(cond_img, out_size).clamp(0, 1),
             seeds=used_seeds,
+            tiles=chosen_tiles(options) if options.max_memory_gb is not None else None,
         )
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
@@ -343,8 +354,22 @@ class DiffBIRPipeline:
         self._prompt_cache.clear()
 
     def _encode_text(self, prompts: list[str]) -> Tensor:
-        with self._running(self.cldm.text_encoder):
-            return self.cldm.encode_text(prompts)
+        if self.cldm.text_encoder is None:
+            raise RuntimeError(
+                f"the text encoder was released (release_text_encoder); cannot encode {prompts}"
+            )
+        with self._running(self.cldm.text_encoder), self._vae_text_autocast():
+            return self.cldm.encode_text(prompts).float()
+
+    def release_text_encoder(self, keep: Sequence[str] = ()) -> None:
+        """Encode the prompts `keep`, then free the text encoder (when a run's prompts are all
+        known): cached prompts keep working, a new one raises RuntimeError."""
+        for prompt in keep:  # one at a time, as calls encode them: the same numbers
+            self.encode_prompt([prompt])
+        self.cldm.text_encoder = None
+
+    def _vae_text_autocast(self) -> contextlib.AbstractContextManager:
+        return self._autocast() if self.vae_precision == "auto" else contextlib.nullcontext()
 
     def _tile_safe(
         self, texts: TextConditions, c_img: Tensor, options: PipelineOptions
@@ -419,8 +444,8 @@ class DiffBIRPipeline:
 
     def _vae_encode(self, img: Tensor, options: PipelineOptions) -> Tensor:
         tile_size, tile_stride = options.tiles("vae_encoder")
-        x = img * 2 - 1
-        with self._running(self.cldm.vae):
+
+        def encode(x: Tensor) -> Tensor:
             if tile_size is None:
                 return self.cldm.vae_encode(x)
             return tiled_forward(
@@ -428,15 +453,36 @@ class DiffBIRPipeline:
                 progress=options.progress, desc="VAE encoder tiles",
             )  # fmt: skip
 
+        return self._run_vae(encode, img * 2 - 1)
+
     def _vae_decode(self, z: Tensor, options: PipelineOptions) -> Tensor:
         tile_size, tile_stride = options.tiles("vae_decoder")
-        with self._running(self.cldm.vae):
+
+        def decode(z: Tensor) -> Tensor:
             if tile_size is None:
                 return self.cldm.vae_decode(z)
             return tiled_forward(
                 self.cldm.vae_decode, z, tile_size // 8, tile_stride // 8, scale=8,
                 progress=options.progress, desc="VAE decoder tiles",
             )  # fmt: skip
+
+        return self._run_vae(decode, z)
+
+    def _run_vae(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """`fn` (VAE encode or decode) in the VAE's precision, fp32 out. SD 2.1's VAE can
+        overflow in fp16: a non-finite fp16 result is recomputed with the VAE in fp32."""
+        vae = self.cldm.vae
+        with self._running(vae), self._vae_text_autocast():
+            out = fn(x).float()
+        if next(vae.parameters()).dtype != torch.float16 or torch.isfinite(out).all():
+            return out
+        logger.warning("the fp16 VAE overflowed; recomputing this image with the VAE in fp32")
+        nn.Module.to(vae, torch.float32)
+        try:
+            with self._running(vae):
+                return fn(x.float()).float()
+        finally:
+            self._cast_network()
 
 
 def _rgb_guidance(options: PipelineOptions) -> bool:

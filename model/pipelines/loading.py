@@ -18,7 +18,7 @@ from model.convert.controlnet import load_controlnet_original
 from model.convert.sd import original_params
 from model.io.checkpoint import WeightFileError
 from model.io.cldm_files import load_cldm, read_controlnet_original
-from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError, resolve_weights
+from model.io.weights import DEFAULT_WEIGHTS_DIR
 from model.nets.cldm import ControlLDM
 from model.nets.lacontrolnet import LAControlNet, build_lacontrolnet
 from model.nets.stage1 import load_stage1_model
@@ -35,6 +35,7 @@ from model.pipelines.presets import (
     model_spec,
     read_model_config,
 )
+from model.pipelines.weight_paths import task_paths
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def load_pipeline(
     paths: Mapping[str, str | Path],
     device: str | torch.device = "auto",
     precision: str | torch.dtype = "fp32",
+    vae_precision: str = "auto",
 ) -> DiffBIRPipeline:
     """Build a pipeline from a spec and weight paths by role.
 
@@ -53,8 +55,10 @@ def load_pipeline(
             full one (released layouts or our safetensors files).
         device: "auto" (cuda > mps > cpu) or a torch device.
         precision: "fp32", "fp16" or "bf16".
+        vae_precision: "auto" (the VAE and text encoder in `precision` too) or "fp32".
     """
-    return load_pipelines({"main": spec}, {"main": paths}, device, precision)["main"]
+    pipelines = load_pipelines({"main": spec}, {"main": paths}, device, precision, vae_precision)
+    return pipelines["main"]
 
 
 def load_pipelines(
@@ -62,6 +66,7 @@ def load_pipelines(
     paths: Mapping[str, Mapping[str, str | Path]],
     device: str | torch.device = "auto",
     precision: str | torch.dtype = "fp32",
+    vae_precision: str = "auto",
 ) -> dict[str, DiffBIRPipeline]:
     """Build several pipelines (e.g. `flow_specs`' parts) that share what their files share.
 
@@ -74,12 +79,16 @@ def load_pipelines(
         paths: name -> weight paths by role, as for `load_pipeline`.
         device: "auto" (cuda > mps > cpu) or a torch device.
         precision: "fp32", "fp16" or "bf16".
+        vae_precision: "auto" (the VAE and text encoder in `precision` too) or "fp32".
     """
     loaded: list[tuple[ModelSpec, Mapping[str, str | Path], ControlLDM]] = []
     pipelines = {}
     for name, spec in specs.items():
         files = paths[name]
-        stage1 = load_stage1_model(spec.stage1_model, files["stage1"], spec.stage1_config)
+        try:
+            stage1 = load_stage1_model(spec.stage1_model, files["stage1"], spec.stage1_config)
+        except TypeError as exc:  # a model config value of the wrong type
+            raise ValueError(f"model config swinir: {exc}") from exc
         cldm = diffusion = None
         if "sd" in files or "controlnet" in files:
             if "sd" not in files or "controlnet" not in files:
@@ -88,9 +97,17 @@ def load_pipelines(
                 )
             cldm = _shared_cldm(spec, files, loaded)
             loaded.append((spec, files, cldm))
-            diffusion = build_diffusion(spec.diffusion)
+            try:
+                diffusion = build_diffusion(spec.diffusion)
+            except TypeError as exc:
+                raise ValueError(f"model config diffusion: {exc}") from exc
         pipelines[name] = DiffBIRPipeline(
-            stage1, cldm, diffusion, device=device, precision=precision
+            stage1,
+            cldm,
+            diffusion,
+            device=device,
+            precision=precision,
+            vae_precision=vae_precision,
         )
     return pipelines
 
@@ -123,54 +140,13 @@ def load_controlnet_file(cfg: Mapping[str, Any], path: str | Path) -> LAControlN
     state = read_controlnet_original(path)
     with torch.device("meta"):
         controlnet = build_lacontrolnet(**original_params(cfg)["controlnet_cfg"])
-    # No random init: the network has no buffers, and the strict load writes every parameter.
-    controlnet = controlnet.to_empty(device="cpu")
+    # No random init and no copy: the network has no buffers, and the strict load assigns
+    # every parameter.
     try:
-        load_controlnet_original(controlnet, state)
+        load_controlnet_original(controlnet, state, assign=True)
     except (KeyError, ValueError) as exc:
         raise WeightFileError(f"{path}: {exc}") from exc
     return controlnet.eval()
-
-
-CHECKPOINT_FLAGS = {"stage1": "--stage1-ckpt", "sd": "--sd-ckpt", "controlnet": "--controlnet-ckpt"}
-
-
-def resolve_paths(
-    weights: Mapping[str, str],
-    roles: Sequence[str],
-    checkpoints: Mapping[str, str | Path | None] | None = None,
-    weights_dir: str | Path = DEFAULT_WEIGHTS_DIR,
-    offline: bool = False,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, Path]:
-    """Weight files by role: explicit `checkpoints` first, then the registry (maybe downloading).
-
-    Args:
-        weights: registry names by role (a spec's `weights`; empty for custom models).
-        roles: the roles needed ("stage1", "sd", "controlnet").
-        checkpoints: explicit paths by role (None entries are ignored).
-        weights_dir: where the registry looks first and downloads to.
-        offline: never download.
-        extra: more roles and registry names (face weights), found in the same search so
-            that one error lists every missing file.
-    """
-    paths = {r: Path(p) for r, p in (checkpoints or {}).items() if p is not None and r in roles}
-    for role, path in paths.items():
-        if not path.is_file():
-            raise MissingWeightsError(
-                f"{path}: weight file not found (given as the {role} checkpoint, "
-                f"{CHECKPOINT_FLAGS[role]})"
-            )
-    unknown = [CHECKPOINT_FLAGS[r] for r in roles if r not in paths and r not in weights]
-    if unknown:
-        raise MissingWeightsError(
-            f"a custom model needs its weight files: pass {', '.join(unknown)}"
-        )
-    needed = {r: weights[r] for r in roles if r not in paths}
-    needed.update(extra or {})
-    names = list(dict.fromkeys(needed.values()))
-    found = resolve_weights(names, [Path(weights_dir)], download=not offline)
-    return {**paths, **{r: found[name] for r, name in needed.items()}}
 
 
 def _spec_config(version: str, model_config: str | Path | Mapping[str, Any] | None) -> dict:
@@ -188,6 +164,7 @@ def load_pretrained(
     weights_dir: str | Path = DEFAULT_WEIGHTS_DIR,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "fp32",
+    vae_precision: str = "auto",
     checkpoints: Mapping[str, str | Path | None] | None = None,
     model_config: str | Path | Mapping[str, Any] | None = None,
     stage1_only: bool = False,
@@ -201,15 +178,16 @@ def load_pretrained(
         weights_dir: the registry's first folder and download target.
         device: "auto" (cuda > mps > cpu) or a torch device.
         dtype: "fp32", "fp16", "bf16" or a torch dtype.
+        vae_precision: "auto" (the VAE and text encoder in `dtype` too) or "fp32".
         checkpoints: explicit weight paths by role ("stage1", "sd", "controlnet").
         model_config: a model config (YAML path or mapping, see `model.pipelines.presets`).
         stage1_only: load stage 1 alone (no diffusion weights needed).
         offline: never download.
     """
     spec = model_spec(version, task, _spec_config(version, model_config))
-    roles = ("stage1",) if stage1_only else ROLES
-    paths = resolve_paths(spec.weights, roles, checkpoints, weights_dir, offline)
-    pipeline = load_pipeline(spec, paths, device, dtype)
+    paths = task_paths(version, task, checkpoints=checkpoints, weights_dir=weights_dir,
+                       offline=offline, stage1_only=stage1_only)  # fmt: skip
+    pipeline = load_pipeline(spec, paths, device, dtype, vae_precision)
     pipeline.weight_paths = paths
     return pipeline
 
@@ -220,6 +198,7 @@ def load_face_background(
     weights_dir: str | Path = DEFAULT_WEIGHTS_DIR,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "fp32",
+    vae_precision: str = "auto",
     checkpoints: Mapping[str, str | Path | None] | None = None,
     model_config: str | Path | Mapping[str, Any] | None = None,
     stage1_only: bool = False,
@@ -234,18 +213,15 @@ def load_face_background(
     if version == CUSTOM:
         raise ValueError(f"task {FACE_BACKGROUND} needs a released version (its face model)")
     specs = flow_specs(version, FACE_BACKGROUND, _spec_config(version, model_config))
-    face_roles = ("stage1",) if stage1_only else ("stage1", "controlnet")
-    extra = {f"face_{role}": specs["face"].weights[role] for role in face_roles}
-    extra["face_detector"] = face_detector
-    if face_parsing:
-        extra["face_parser"] = "face_parsenet"
-    roles = ("stage1",) if stage1_only else ROLES
-    paths = resolve_paths(
-        specs["background"].weights, roles, checkpoints, weights_dir, offline, extra
-    )
+    paths = task_paths(version, FACE_BACKGROUND, checkpoints=checkpoints, weights_dir=weights_dir,
+                       offline=offline, stage1_only=stage1_only, face_detector=face_detector,
+                       face_parsing=face_parsing)  # fmt: skip
     parts = {"background": {r: paths[r] for r in ROLES if r in paths}}
-    parts["face"] = {**parts["background"], **{r: paths[f"face_{r}"] for r in face_roles}}
-    pipelines = load_pipelines(specs, parts, device, dtype)
+    parts["face"] = {
+        **parts["background"],
+        **{r: paths[f"face_{r}"] for r in ROLES if f"face_{r}" in paths},
+    }
+    pipelines = load_pipelines(specs, parts, device, dtype, vae_precision)
     device = pipelines["background"].device
     detector = load_face_detector(paths["face_detector"], face_detector, device)
     parser = load_face_parser(paths["face_parser"], device) if face_parsing else None

@@ -81,6 +81,9 @@ class PipelineOptions:
             axes) or "original" (the original's, half a pixel off-centre in y).
         tile_captions: apply per-image captions to every diffusion tile (as the original does);
             off by default, since a global caption on each tile invents its content there.
+        max_memory_gb: a peak-memory budget (CUDA allocated, or process RSS on a CPU): the tile
+            sizes of every stage are chosen per input to stay under it (`memory_plan`),
+            overriding the tile fields; None: the tile fields as given.
         progress: show tqdm bars for sampling steps and tiles.
     """
 
@@ -117,6 +120,7 @@ class PipelineOptions:
     diffusion_tile_batch_size: int = 1
     tile_weights: str = "symmetric"
     tile_captions: bool = False
+    max_memory_gb: float | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:

@@ -26,16 +26,16 @@ A model config is a YAML mapping with any of:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from model.convert.sd import original_params, sd21_cldm_cfg
-from model.diffusion.schedule import DIFFUSION_PRESETS, Diffusion
-from model.nets.stage1 import STAGE1_MODELS
+if TYPE_CHECKING:
+    from model.diffusion.schedule import Diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -169,13 +169,56 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: unknown model config keys {unknown}; allowed: {', '.join(MODEL_CONFIG_KEYS)}"
         )
+    check_model_config(raw, str(path))
     return raw
+
+
+def _check_arguments(cls: type, given: Any, where: str) -> None:
+    if not isinstance(given, Mapping):
+        raise ValueError(
+            f"{where}: expected a mapping of {cls.__name__} arguments, got {type(given).__name__}"
+        )
+    known = [name for name in inspect.signature(cls).parameters if name != "self"]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown {cls.__name__} argument(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(known)}"
+        )
+
+
+def check_model_config(config: Mapping[str, Any], source: str = "model config") -> None:
+    """Raise one ValueError line naming `source` and the entry for a malformed `swinir:`,
+    `stage1:` or `diffusion:` entry (wrong type, unknown argument or name)."""
+    from model.diffusion.schedule import DIFFUSION_PRESETS, Diffusion
+    from model.nets.stage1 import STAGE1_MODELS
+    from model.nets.swinir import SwinIR
+
+    if config.get("swinir") is not None:
+        _check_arguments(SwinIR, config["swinir"], f"{source}: swinir")
+    stage1 = config.get("stage1", "swinir")
+    if stage1 not in STAGE1_MODELS:
+        raise ValueError(
+            f"{source}: unknown stage-1 model {stage1!r}; choose one of {list(STAGE1_MODELS)}"
+        )
+    diffusion = config.get("diffusion")
+    if isinstance(diffusion, str) and diffusion not in DIFFUSION_PRESETS:
+        raise ValueError(
+            f"{source}: unknown diffusion preset {diffusion!r}; choose one of "
+            f"{list(DIFFUSION_PRESETS)} or give Diffusion arguments"
+        )
+    if diffusion is not None and not isinstance(diffusion, str):
+        _check_arguments(Diffusion, diffusion, f"{source}: diffusion")
 
 
 def model_spec(version: str, task: str, model_config: Mapping[str, Any] | None = None) -> ModelSpec:
     """Resolve a version (or "custom") and task, with an optional model config, to a spec."""
+    from model.convert.sd import original_params, sd21_cldm_cfg
+    from model.diffusion.schedule import DIFFUSION_PRESETS
+
     check_task(task)
     config = dict(model_config or {})
+    check_model_config(config)
     cldm = original_params(config["cldm"]) if "cldm" in config else sd21_cldm_cfg()
     swinir = config.get("swinir")
     if version == CUSTOM:
@@ -184,12 +227,7 @@ def model_spec(version: str, task: str, model_config: Mapping[str, Any] | None =
                 "a custom model needs its schedule: set `diffusion:` in the model config to one "
                 f"of {', '.join(DIFFUSION_PRESETS)} or to Diffusion arguments"
             )
-        stage1 = config.get("stage1", "swinir")
-        if stage1 not in STAGE1_MODELS:
-            raise ValueError(
-                f"unknown stage-1 model {stage1!r}; choose one of {list(STAGE1_MODELS)}"
-            )
-        return ModelSpec(cldm, config["diffusion"], stage1, swinir, {})
+        return ModelSpec(cldm, config["diffusion"], config.get("stage1", "swinir"), swinir, {})
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; choose one of {', '.join(VERSION_CHOICES)}")
     for key in ("stage1", "diffusion"):
@@ -210,6 +248,8 @@ def model_spec(version: str, task: str, model_config: Mapping[str, Any] | None =
 
 def build_diffusion(diffusion: str | Mapping[str, Any]) -> Diffusion:
     """A `Diffusion` from a DIFFUSION_PRESETS name or its keyword arguments."""
+    from model.diffusion.schedule import DIFFUSION_PRESETS, Diffusion
+
     if isinstance(diffusion, str):
         if diffusion not in DIFFUSION_PRESETS:
             raise ValueError(

@@ -13,11 +13,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from model.diffir.pipeline import DiffIRPipeline
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.face_background import FaceBackgroundPipeline
 from model.pipelines.options import PipelineOptions
 
-Pipeline = DiffBIRPipeline | FaceBackgroundPipeline
+Pipeline = DiffBIRPipeline | FaceBackgroundPipeline | DiffIRPipeline
 T = TypeVar("T")
 
 
@@ -31,12 +32,14 @@ class Restored:
         faces: face_background only: per image its restored faces (N_i, 3, 512, 512).
         boxes: face_background only: per image its face boxes (N_i, 5) in output pixels
             (x1, y1, x2, y2, score).
+        tiles: the tile sizes `--max-memory` chose for this batch, else None.
     """
 
     images: torch.Tensor
     stage1: torch.Tensor
     faces: list[torch.Tensor] | None = None
     boxes: list[np.ndarray] | None = None
+    tiles: dict[str, int | None] | None = None
 
 
 Restorer = Callable[[torch.Tensor, Sequence[str] | None], Restored]
@@ -56,6 +59,14 @@ def make_restorer(pipeline: Pipeline, options: PipelineOptions) -> Restorer:
             return Restored(result.images, result.stage1, result.faces, boxes)
 
         return with_faces
+    if isinstance(pipeline, DiffIRPipeline):  # one network: its output is also "stage 1"
+
+        def diffir(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
+            out = pipeline(lq, options.seed, options.upscale, options.stage1_tile_size,
+                           options.stage1_tile_stride)  # fmt: skip
+            return Restored(out, out)
+
+        return diffir
     if not pipeline.has_diffusion:
 
         def stage1_only(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
@@ -66,7 +77,7 @@ def make_restorer(pipeline: Pipeline, options: PipelineOptions) -> Restorer:
 
     def restore(lq: torch.Tensor, captions: Sequence[str] | None) -> Restored:
         result = pipeline.restore(lq, options, captions=captions)
-        return Restored(result.images, result.stage1)
+        return Restored(result.images, result.stage1, tiles=result.tiles)
 
     return restore
 

@@ -89,10 +89,14 @@ def build_model_fn(
     """
     timesteps = sampler.timesteps(options.steps)
     controlled = {timesteps[k] for k in options.control_steps(len(timesteps))}
+    every_step = len(controlled) == len(set(timesteps))
+    # the window's timestep range: evaluations between steps (Heun, DPM-2, ...) follow it too
+    low, high = (min(controlled), max(controlled)) if controlled else (1, 0)
 
     def network(x: Tensor, t: Tensor, cond: dict) -> Tensor:
         with autocast():
-            if int(t[0]) in controlled:
+            # reading t is a host synchronisation: only when some steps run without control
+            if every_step or low <= int(t[0]) <= high:
                 return cldm(x, t, cond).float()
             return cldm.unet_forward(x, t, cond["c_txt"]).float()
 
@@ -120,9 +124,16 @@ def build_model_fn(
             guidance_target,
             guidance,
             timesteps=timesteps,
-            decode=lambda z: (cldm.vae_decode(z) + 1) / 2,
+            decode=lambda z: (_decode(cldm, z, autocast) + 1) / 2,
         )
     return model_fn
+
+
+def _decode(
+    cldm: ControlLDM, z: Tensor, autocast: Callable[[], contextlib.AbstractContextManager]
+) -> Tensor:
+    with autocast():
+        return cldm.vae_decode(z).float()
 
 
 def run_sampler(

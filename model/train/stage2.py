@@ -7,6 +7,7 @@ z_t; the loss is the latent-diffusion MSE against ε or v. Only LAControlNet wei
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -16,13 +17,25 @@ from torch import nn
 
 from model.diffusion.schedule import Diffusion
 from model.diffusion.spaced_ddpm import SpacedSampler
+from model.eval.metrics import psnr, ssim
 from model.io.cldm_files import controlnet_config
 from model.nets.cldm import ControlLDM
 from model.nets.stage1 import restore_stage1
+from model.train.checkpointing import ResumeError, state_digest
 from model.train.image_log import image_grid, log_image_grid
 from model.train.optim import build_optimizer
 
 TRAINABLE_PREFIX = "cldm.controlnet."
+FROZEN_DIGESTS = "frozen_digests"
+
+log = logging.getLogger(__name__)
+
+
+def _listed(what: str, keys: list[str]) -> str:
+    if not keys:
+        return ""
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f"{what} {len(keys)} LAControlNet tensor(s): {', '.join(keys[:3])}{more}"
 
 
 class Stage2System(LightningModule):
@@ -36,7 +49,8 @@ class Stage2System(LightningModule):
         p_drop_caption: probability of replacing a caption by the empty prompt (v2.1 style).
         noise_aug_timesteps: if > 0, c_img is diffused to a random t < this value (augmentation).
         gradient_checkpointing: recompute UNet/LAControlNet activations to save memory.
-        val_sample_steps: respaced DDPM steps for the validation samples (0: no sampling).
+        val_sample_steps: respaced DDPM steps for the validation samples (0: no sampling); the
+            samples of the first validation batch also give val/psnr and val/ssim.
         val_images: images per validation grid (LQ / stage 1 / sample / HQ).
     """
 
@@ -63,6 +77,7 @@ class Stage2System(LightningModule):
         cldm.set_gradient_checkpointing(gradient_checkpointing)
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self._empty_context: torch.Tensor | None = None
+        self._frozen_digests: dict[str, str] | None = None
 
     def train(self, mode: bool = True) -> Stage2System:
         """Train mode for the LAControlNet; stage 1 and the frozen SD parts stay in eval mode."""
@@ -113,30 +128,73 @@ class Stage2System(LightningModule):
             x_T = torch.randn(z_0.shape, generator=generator, device=self.device)
             sampler = SpacedSampler.from_diffusion(self.diffusion)
             z = sampler.sample(self.cldm, x_T, steps, cond, generator=generator, progress=False)
-            sample = (self.cldm.vae_decode(z) + 1) / 2
-            grid = image_grid([batch["lq"], clean, sample, batch["hq"]], self.hparams.val_images)
+            sample = ((self.cldm.vae_decode(z) + 1) / 2).clamp(0, 1)
+            hq = batch["hq"]
+            # of the first batch's samples, on rank 0 only (sampling is the expensive part)
+            sample_metrics = {
+                "val/psnr": psnr(sample, hq).mean(),
+                "val/ssim": ssim(sample, hq).mean(),
+            }
+            self.log_dict(sample_metrics, batch_size=hq.shape[0], rank_zero_only=True)
+            grid = image_grid([batch["lq"], clean, sample, hq], self.hparams.val_images)
             log_image_grid(self.logger, "val/lq_stage1_sample_hq", grid, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the LAControlNet in Lightning checkpoints (the rest is frozen and large)."""
+        """Keep only the LAControlNet in Lightning checkpoints (the rest is frozen and large),
+        with a digest of each frozen part."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {
             k: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)
         }
+        checkpoint[FROZEN_DIGESTS] = self.frozen_digests()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that a checkpoint holds every LAControlNet tensor. Loading is not strict (the
-        frozen parts are not saved), so a missing trainable tensor would silently keep its
-        initial value."""
+        """Load the LAControlNet strictly and check the frozen parts against the checkpoint's.
+
+        Lightning's own loading is not strict (the frozen parts are not saved), so a missing
+        trainable tensor would silently keep its initial value: any missing, unexpected or
+        reshaped LAControlNet tensor, or frozen weights whose digest differs from the one the
+        checkpoint recorded (another SD or stage-1 file), is a `ResumeError`.
+        """
         saved = checkpoint.get("state_dict", {})
-        missing = [
-            k for k in self.state_dict() if k.startswith(TRAINABLE_PREFIX) and k not in saved
+        expected = {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIX)}
+        problems = [
+            _listed("lacks", [k for k in expected if k not in saved]),
+            _listed("has unexpected", [k for k in saved if k not in expected]),
+            _listed(
+                "has wrongly shaped",
+                [k for k, v in saved.items() if k in expected and v.shape != expected[k].shape],
+            ),
         ]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} LAControlNet tensor(s): {', '.join(missing[:3])}{more}"
+        problems = [p for p in problems if p]
+        if problems:
+            raise ResumeError(f"checkpoint {'; '.join(problems)}")
+        recorded = checkpoint.get(FROZEN_DIGESTS)
+        if recorded is None:
+            log.warning("checkpoint has no digests of the frozen weights; they are not checked")
+            return
+        changed = [k for k, v in self.frozen_digests().items() if recorded.get(k) != v]
+        if changed:
+            raise ResumeError(
+                f"frozen {', '.join(changed)} weights differ from the checkpoint's run; "
+                "use the same sd_path / stage-1 weights as the run that wrote it"
             )
+
+    def frozen_digests(self) -> dict[str, str]:
+        """A digest of each frozen part's weights (computed once, before any device move)."""
+        if self._frozen_digests is None:
+            parts = {
+                "UNet": self.cldm.unet,
+                "VAE": self.cldm.vae,
+                "text encoder": self.cldm.text_encoder,
+                "stage-1": self.stage1,
+            }
+            self._frozen_digests = {k: state_digest(m.state_dict()) for k, m in parts.items()}
+        return self._frozen_digests
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the strategy moves, wraps or shards the modules
+            self.frozen_digests()
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The LAControlNet weights in our layout (`model.io.cldm_files.load_controlnet` reads them)."""

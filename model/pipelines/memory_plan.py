@@ -1,0 +1,160 @@
+"""`--max-memory GB`: tile sizes chosen so that the peak stays under a budget, for any input size.
+
+Each stage's peak is modelled as what is resident when it starts (the weights; measured live:
+process RSS on a CPU, torch's allocated bytes on CUDA) plus its activations, linear in the
+pixels of one tile: `intercept + per_pixel * pixels` (scaled by the batch, and doubled for the
+batched CFG branches of the diffusion network). The coefficients were measured with full-size
+random weights by `python -m scripts.calibrate_memory` (results/bench/memory_*.json); per pixel
+and per byte of the run's element size, so one table serves fp32, bf16 and fp16.
+
+For each stage the largest tile (a multiple of the stage's tile multiple, down to its minimum)
+whose predicted peak fits is chosen; the whole image when it fits untiled. A budget below the
+smallest tile of some stage is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from model.ops.sizing import short_side_size
+from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Activation bytes of one stage call: (intercept + per_pixel * pixels) * element bytes,
+    pixels in the stage's tile space (see `TILE_SPACE`)."""
+
+    intercept: float
+    per_pixel: float
+
+    def bytes(self, pixels: int, element_bytes: int, batch: int = 1) -> float:
+        return (self.intercept + self.per_pixel * pixels * batch) * element_bytes
+
+
+# Measured on the CPU (2 cores, torch 2.14.1, full-size random weights), in elements per pixel
+# of the stage input (stage1: processing size; VAE and diffusion: image pixels of a tile);
+# results/bench/memory_cpu_*.json holds the raw peaks.
+COSTS: dict[str, StageCost] = {
+    "stage1": StageCost(intercept=2.0e7, per_pixel=2200.0),
+    "vae_encoder": StageCost(intercept=1.0e7, per_pixel=700.0),
+    "vae_decoder": StageCost(intercept=1.0e7, per_pixel=1500.0),
+    "diffusion": StageCost(intercept=3.0e7, per_pixel=60.0),
+}
+# Smallest tiles worth running (image pixels); diffusion tiles below 256 lose global coherence.
+MIN_TILES = {"stage1": 128, "vae_encoder": 128, "vae_decoder": 128, "diffusion": 256}
+
+
+class MemoryBudgetError(ValueError):
+    """A budget below the smallest tile of some stage."""
+
+
+def resident_bytes(device: torch.device) -> int:
+    """What is resident now: process RSS on a CPU, torch's allocated bytes on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def check_budget(budget_gb: float, device: torch.device) -> None:
+    """Refuse a budget that the loaded weights alone exceed (before any image is run)."""
+    resident = resident_bytes(device)
+    if budget_gb <= 0 or resident >= budget_gb * GIB:
+        raise MemoryBudgetError(
+            f"--max-memory {budget_gb:g} GB is below what is resident after loading "
+            f"({resident / GIB:.1f} GB); raise it or use a lower --precision"
+        )
+
+
+def _largest_tile(
+    stage: str, side: int, budget: float, resident: float, element_bytes: int, batch: int,
+    costs: Mapping[str, StageCost],
+) -> int | None:  # fmt: skip
+    """The largest tile side of `stage` that fits (None: the whole `side`x`side` fits)."""
+    cost, multiple = costs[stage], TILE_MULTIPLES[stage]
+
+    def fits(tile: int) -> bool:
+        return resident + cost.bytes(tile * tile, element_bytes, batch) <= budget
+
+    if fits(side):
+        return None
+    smallest = max(MIN_TILES[stage], multiple)
+    tile = (side // multiple) * multiple
+    while tile >= smallest:
+        if fits(tile):
+            return tile
+        tile -= multiple
+    need = resident + cost.bytes(smallest * smallest, element_bytes, batch)
+    raise MemoryBudgetError(
+        f"--max-memory {budget / GIB:.1f} GB is below what the smallest {stage} tile "
+        f"({smallest} px) needs: {need / GIB:.1f} GB ({resident / GIB:.1f} GB resident weights)"
+    )
+
+
+def plan_tiles(
+    options: PipelineOptions,
+    processing_hw: tuple[int, int],
+    budget_gb: float,
+    resident: int,
+    element_bytes: int,
+    batch: int = 1,
+    costs: Mapping[str, StageCost] = COSTS,
+) -> PipelineOptions:
+    """`options` with tile sizes (stride: half a tile) such that each stage's predicted peak
+    stays under `budget_gb`, for an input processed at `processing_hw`."""
+    budget = budget_gb * GIB
+    side = max(processing_hw)
+    cfg = 2 if options.cfg_scale != 1 and options.cfg_batched else 1
+    batches = {"stage1": batch, "vae_encoder": batch, "vae_decoder": batch,
+               "diffusion": batch * cfg * options.diffusion_tile_batch_size}  # fmt: skip
+    chosen = {
+        stage: _largest_tile(stage, side, budget, resident, element_bytes, batches[stage], costs)
+        for stage in COSTS
+    }
+    fields = {}
+    for stage, tile in chosen.items():
+        fields[f"{stage}_tile_size"] = tile
+        fields[f"{stage}_tile_stride"] = None if tile is None else tile // 2
+    logger.info(
+        "--max-memory %.1f GB at %dx%d: tiles %s (%.1f GB resident)", budget_gb,
+        *processing_hw, {s: t for s, t in chosen.items()}, resident / GIB,
+    )  # fmt: skip
+    return dataclasses.replace(options, **fields)
+
+
+def plan_for_budget(
+    options: PipelineOptions,
+    out_size: tuple[int, int],
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PipelineOptions:
+    """`plan_tiles` for one pipeline call at output size `out_size` (processing size: short
+    side at least `options.min_short_side`), with what is resident on `device` now."""
+    h, w = out_size
+    side = options.min_short_side
+    processing = (h, w) if min(h, w) >= side else short_side_size(h, w, side)
+    element = torch.finfo(dtype).bits // 8
+    return plan_tiles(options, processing, options.max_memory_gb, resident_bytes(device),
+                      element, batch)  # fmt: skip
+
+
+def chosen_tiles(options: PipelineOptions) -> dict[str, int | None]:
+    """{stage: tile side or None (whole)} of `options`, as recorded in sidecars."""
+    return {stage: getattr(options, f"{stage}_tile_size") for stage in COSTS}

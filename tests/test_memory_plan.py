@@ -1,0 +1,67 @@
+"""`--max-memory`: tiles chosen from the cost model (model/pipelines/memory_plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.memory_plan import (
+    COSTS,
+    GIB,
+    MemoryBudgetError,
+    StageCost,
+    chosen_tiles,
+    plan_tiles,
+    resident_bytes,
+)
+from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
+
+# 1 KiB per pixel per element byte for every stage, nothing fixed: easy to reason about
+FLAT = {stage: StageCost(0.0, 1024.0) for stage in COSTS}
+
+
+def _plan(budget_gb: float, side: int = 2048, resident: float = 1.0, **options) -> dict:
+    options.setdefault("cfg_scale", 1.0)  # no batched CFG branch unless asked
+    planned = plan_tiles(PipelineOptions(**options), (side, side), budget_gb,
+                         int(resident * GIB), 4, costs=FLAT)  # fmt: skip
+    return chosen_tiles(planned)
+
+
+def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
+    # 2048² px x 4 KiB = 16 GiB of activations (twice that for batched CFG): fits with 18 GB
+    assert set(_plan(18).values()) == {None}
+    roomy, tight = _plan(10), _plan(2)
+    for stage in COSTS:
+        assert roomy[stage] is not None and tight[stage] is not None
+        assert tight[stage] < roomy[stage] < 2048
+        assert roomy[stage] % TILE_MULTIPLES[stage] == 0
+        # the chosen tile fits, one multiple more would not
+        used = 1 + 4 * 1024 * roomy[stage] ** 2 / GIB
+        grown = 1 + 4 * 1024 * (roomy[stage] + TILE_MULTIPLES[stage]) ** 2 / GIB
+        assert used <= 10 < grown
+    planned = plan_tiles(PipelineOptions(), (2048, 2048), 2, GIB, 4, costs=FLAT)
+    assert planned.diffusion_tile_stride == planned.diffusion_tile_size // 2
+
+
+def test_batched_cfg_doubles_the_diffusion_cost() -> None:
+    single, batched = _plan(4, cfg_scale=1.0), _plan(4, cfg_scale=4.0)
+    assert batched["diffusion"] < single["diffusion"]
+    assert batched["stage1"] == single["stage1"]
+
+
+def test_a_budget_below_the_smallest_tile_is_refused_with_the_numbers() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"--max-memory 1\.0 GB .* smallest .* resident"):
+        _plan(1.0, resident=1.0)
+
+
+def test_pipeline_records_the_tiles_it_chose(tiny_pipe: DiffBIRPipeline) -> None:
+    lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    call = dict(upscale=2, min_short_side=64, steps=1)
+    roomy = resident_bytes(tiny_pipe.device) / GIB + 50
+    result = tiny_pipe(lq, max_memory_gb=roomy, **call)
+    assert result.tiles == {stage: None for stage in COSTS}
+    torch.testing.assert_close(result.images, tiny_pipe(lq, **call).images, atol=0, rtol=0)
+    assert tiny_pipe(lq, **call).tiles is None
+    with pytest.raises(MemoryBudgetError):
+        tiny_pipe(lq, max_memory_gb=0.01, **call)
