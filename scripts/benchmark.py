@@ -43,7 +43,9 @@ from model.diffir import DiffIRS2
 from model.diffir.convert import model_kwargs
 from model.diffir.pipeline import RELEASED_X4, DiffIRPipeline
 from model.diffusion.samplers import SAMPLERS
+from model.eval.bench_tables import PARTS, WHOLE, format_table, summary_table
 from model.io.checkpoint import WeightFileError
+from model.io.images import write_image
 from model.io.logs import setup_logging
 from model.io.weights import MissingWeightsError
 from model.ops.device import PRECISIONS, resolve_device
@@ -54,9 +56,6 @@ from model.pipelines.options import TILED_DEFAULTS, PipelineOptions, tile_fields
 from model.pipelines.random_weights import TINY_CONFIGS, random_pipeline, tiny_model_config
 
 log = logging.getLogger("benchmark")
-
-PARTS = ("stage1", "text_encode_cold", "text_encode_cached", "vae_encode", "step", "vae_decode")
-WHOLE = "whole_image"
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device) -> DiffBIRPipeline:
@@ -148,6 +147,7 @@ class Probe:
         self._run: dict[str, Any] = {}
         self._run_peak = 0
         self._step_start: float | None = None
+        self.output: Tensor | None = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -217,6 +217,7 @@ class Probe:
             start = self.start()
             self._run_peak = 0
             result = self.pipe(lq, options, callback=self.step_done)
+            self.output = result.images
             self._run[WHOLE] = self.stop(WHOLE, start)
         self.shapes["output"] = list(result.images.shape)
         return self._run
@@ -238,11 +239,13 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 def bench_size(
     pipe: DiffBIRPipeline, options: PipelineOptions, size: tuple[int, int], warmup: int,
-    repeat: int, seed: int = 0,
+    repeat: int, seed: int = 0, save_images: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Every part and the whole image at output size `size` (LQ of size / upscale)."""
+    """Every part and the whole image at output size `size` (LQ of size / upscale, random
+    8-bit values). `save_images`: also write the LQ and the last output there as PNG."""
     lq_size = [max(1, round(s / options.upscale)) for s in size]
-    lq = torch.rand((1, 3, *lq_size), generator=torch.Generator().manual_seed(seed))
+    lq = torch.randint(0, 256, (1, 3, *lq_size), generator=torch.Generator().manual_seed(seed))
+    lq = lq.float() / 255
     probe, name = Probe(pipe), "x".join(map(str, size))
     for i in range(warmup):
         log.info("%s: warm-up call %d/%d", name, i + 1, warmup)
@@ -255,6 +258,11 @@ def bench_size(
     seconds = {part: [r[part] for r in runs] for part in Probe.STAGES.values()}
     seconds["step"] = [s for r in runs for s in r["step"]]
     seconds["text_encode_cold"] = [probe.text_cold() for _ in range(repeat)]
+    if save_images is not None:
+        save_images.mkdir(parents=True, exist_ok=True)
+        for what, image in (("lq", lq), ("out", probe.output)):
+            rgb = image[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            write_image(save_images / f"{what}_{name}.png", rgb, quantize="truncate")
     return {
         "size": list(size),
         "lq_size": lq_size,
@@ -291,6 +299,19 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def matmul_seconds(device: torch.device, n: int = 4096, repeat: int = 3) -> float:
+    """Median seconds of one fp32 n x n matmul: the machine-speed yardstick that
+    ../shared/perf/original_cpu.json also records ("calib_mm_fp32_4096"), so that numbers from
+    different machines of one kind can be compared."""
+    a = torch.randn(n, n, device=device)
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        (a @ a).sum().item()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Software versions and the device the numbers were taken on."""
     versions = dict(python=platform.python_version(), torch=torch.__version__,
@@ -299,23 +320,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     about = dict(type=device.type, name=_device_name(device), cpu_count=os.cpu_count(),
                  torch_threads=torch.get_num_threads())  # fmt: skip
     return {"versions": versions, "device": about}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """Median seconds per part and size, and the peak memory, as a markdown table."""
-    head = ["size", *PARTS, WHOLE, "peak GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in report["results"]:
-        size = "x".join(map(str, r["size"]))
-        if "error" in r:
-            lines.append(f"| {size} | {r['error']} |")
-            continue
-        parts = r.get("parts", {})  # --method diffir: the whole image only
-        cells = [f"{parts[p]['seconds']['median']:.3f}" if p in parts else "-" for p in PARTS]
-        whole = r[WHOLE]
-        cells += [f"{whole['seconds']['median']:.3f}", f"{whole['peak_memory_bytes'] / 2**30:.2f}"]
-        lines.append(f"| {size} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -331,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = PipelineOptions()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m scripts.benchmark")
     p.add_argument("--method", choices=("diffbir", "diffir"), default="diffbir", help="pipeline to time (diffir: DiffIR x4, whole-image calls only)")
+    p.add_argument("--save-images", type=Path, help="write each size's LQ and last output there (lq_<size>.png, out_<size>.png)")
     p.add_argument("--calibrate-memory", action="store_true", help="measure each stage's activation memory at 256 and 512 px (the --max-memory cost model) instead of timing")
     p.add_argument("--diffir-tile-size", type=int, help="--method diffir: DIRformer tile size (LQ pixels)")
     p.add_argument("--diffir-tile-stride", type=int, help="--method diffir: DIRformer tile stride")
@@ -345,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16", help="network precision (fp16 on a CPU runs fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and LQ images")
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--out", type=Path, help="JSON file to write (required unless --table)")
+    p.add_argument("--table", type=Path, nargs="+", help="print one markdown table of these benchmark JSONs and exit")
     s = p.add_argument_group("options (PipelineOptions defaults, as inference.py)")
     s.add_argument("--upscale", type=float, help=f"output / LQ size (default by task: {presets.DEFAULT_UPSCALE})")
     s.add_argument("--min-short-side", type=int, default=d.min_short_side, help="processing size of smaller images")
@@ -381,7 +387,8 @@ def run_benchmark(
     for size in args.sizes:
         log.info("measuring %dx%d (%d warm-up, %d timed calls)", *size, args.warmup, args.repeat)
         try:
-            results.append(bench_size(pipe, options, size, args.warmup, args.repeat, args.seed))
+            results.append(bench_size(pipe, options, size, args.warmup, args.repeat, args.seed,
+                                      args.save_images))  # fmt: skip
         except torch.OutOfMemoryError:
             results.append({"size": list(size), "error": "out of memory; try --tiled"})
             log.error("%dx%d: out of memory; try --tiled or --precision fp16", *size)
@@ -393,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0, or 1 when weights are missing or a size ran out of memory."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.table:
+        print(summary_table([json.loads(path.read_text()) for path in args.table], args.table))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     setup_logging()
     if args.repeat < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--repeat and --threads must be >= 1, --warmup >= 0")
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         **environment(pipe.device),
         "settings": settings,
         "parameters": parameter_counts(pipe),
+        "calib_mm_fp32_4096_seconds": matmul_seconds(device),
         "build_seconds": build_seconds,
         "build_peak_memory_bytes": build_peak,
         "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss",

@@ -81,7 +81,7 @@ def test_json_has_every_field_and_the_parts_fit_in_the_whole(
 ) -> None:
     report = _run(tmp_path, "--warmup", "1", "--repeat", "2")
     assert set(report) == {
-        "versions", "device", "settings", "parameters", "build_seconds", "build_peak_memory_bytes", "memory_kind", "results"
+        "versions", "device", "settings", "parameters", "build_seconds", "build_peak_memory_bytes", "calib_mm_fp32_4096_seconds", "memory_kind", "results"
     }  # fmt: skip
     versions = report["versions"]
     assert versions["torch"] == torch.__version__ and versions["project"]
@@ -242,3 +242,34 @@ def test_cuda_run_records_cuda_memory(tmp_path: Path) -> None:
     assert report["settings"]["precision"] == "fp16" and report["device"]["type"] == "cuda"
     result = report["results"][0]
     assert all(result["parts"][p]["peak_memory_bytes"] > 0 for p in PARTS)
+
+
+def test_whole_image_equals_inference_output(tmp_path: Path, tiny_weights: Path) -> None:
+    """The benchmark times the path inference.py runs: same input and seed, same bytes."""
+    import inference
+    from model.io.images import decode_image
+
+    shared = ["--upscale", "2", "--min-short-side", "128", "--steps", "2", "--precision", "fp32",
+              "--device", "cpu"]  # fmt: skip
+    weights = ["--weights-dir", str(tiny_weights)]
+    # --seed of the benchmark draws the LQ; both sample with PipelineOptions' default seed
+    bench = ["--threads", "1", "--tiny", "--sizes", "128", "--warmup", "0", "--repeat", "1",
+             "--seed", "7"]  # fmt: skip
+    images = tmp_path / "images"
+    out = tmp_path / "bench.json"
+    assert main([*bench, *shared, *weights, "--save-images", str(images), "--out", str(out)]) == 0
+    restored = tmp_path / "restored"
+    argv = ["--input", str(images / "lq_128x128.png"), "--output", str(restored), "--offline",
+            "--model-config", str(tiny_weights / "tiny_config.yaml"), "--no-progress"]  # fmt: skip
+    assert inference.main([*argv, *shared, *weights]) == 0
+    ours = decode_image(restored / "lq_128x128.png").rgb
+    assert ours.shape == (128, 128, 3)
+    assert (ours == decode_image(images / "out_128x128.png").rgb).all()
+
+
+def test_table_has_one_row_per_report_and_size(tmp_path: Path, capsys) -> None:
+    _run(tmp_path, "--sizes", "128,64x128")
+    capsys.readouterr()
+    assert main(["--table", str(tmp_path / "bench.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "bench.json" in line]
+    assert [row.split(" | ")[3] for row in rows] == ["128x128", "64x128"]

@@ -32,7 +32,7 @@ from model.diffusion.schedule import Diffusion
 from model.nets.cldm import ControlLDM, cast_cldm
 from model.nets.stage1 import Stage1Model
 from model.ops.color_fix import color_fix
-from model.ops.device import PRECISIONS, precision_name, resolve_device
+from model.ops.device import PRECISIONS, cpu_has_native_bf16, precision_name, resolve_device
 from model.ops.sizing import RESIZES, pad_to_multiple, resize
 from model.ops.tiling import tiled_forward
 from model.pipelines.inputs import OutputType, to_batch, to_output
@@ -152,6 +152,11 @@ class DiffBIRPipeline:
             if self.device.type == "cpu" and precision == "fp16":
                 logger.warning("fp16 is not supported well on the CPU; using fp32")
                 precision = "fp32"
+            if self.device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+                logger.warning(
+                    "this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 runs emulated, "
+                    "several times slower than fp32; use --precision fp32"
+                )
             self.precision = precision
         self._prompt_cache.clear()
         home = torch.device("cpu") if self.offload else self.device
