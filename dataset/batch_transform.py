@@ -403,3 +403,20 @@ class RealESRGANBatchTransform:
         if self.queue_size > 0:
             hq, lq, txt = self._dequeue_and_enqueue(hq, lq, txt, g)
         return {"hq": hq.contiguous(), "lq": lq.contiguous(), "txt": txt}
+
+
+class SRBatchTransform(RealESRGANBatchTransform):
+    """`RealESRGANBatchTransform` whose `lq` is (B, 3, H / s, W / s) with s = `stage2_scale`.
+
+    DiffIR (like Real-ESRGAN) restores from the LQ at its own size, so the final resize back
+    to the HQ size is skipped; everything else, including the pair queue, is unchanged.
+    """
+
+    def degrade(
+        self,
+        hq: torch.Tensor,
+        batch: dict,
+        params: SecondOrderParams,
+        resize_back: bool = False,
+    ) -> torch.Tensor:
+        return super().degrade(hq, batch, params, resize_back=resize_back)

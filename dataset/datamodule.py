@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.paired_dataset import ImageDataset
 from dataset.sampler import ResumableSampler
-from model.train.ranks import gather_to_rank0
+from model.io.ranks import gather_to_rank0
 
 logger = logging.getLogger(__name__)
 

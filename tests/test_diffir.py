@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from model.diffir import DiffIRS2, diffir_from_original, load_diffir, restore_padded, save_diffir
 from model.diffir.convert import to_original_state
-from model.diffir.diffusion import SCHEDULE_BUFFERS, ipr_schedule
+from model.diffir.diffusion import ipr_schedule
+from model.diffusion.schedule import LDM_SCHEDULE_BUFFERS as SCHEDULE_BUFFERS
 from model.io.checkpoint import WeightFileError
 from model.train.diffir_losses import ipr_distill_losses
 from tests.conftest import FIXTURES, assert_close_schedule, load_fixture

@@ -16,7 +16,7 @@ DYNAMIC_LOADERS = {"spec_from_file_location", "module_from_spec", "exec_module",
 
 
 # The file layer that training data and inference share.
-ALLOWED_FOR_DATASET = ("model.io.images", "model.io.file_lists")
+ALLOWED_FOR_DATASET = ("model.io.images", "model.io.file_lists", "model.io.ranks")
 
 
 def _imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
@@ -57,7 +57,7 @@ def model_imports_of_dataset_module(source: str) -> list[str]:
     for module, names in _imports(ast.parse(source)):
         if module.split(".")[0] != "model" or module in ALLOWED_FOR_DATASET:
             continue
-        if module == "model.io" and set(names) <= {"images", "file_lists"}:
+        if module == "model.io" and set(names) <= {"images", "file_lists", "ranks"}:
             continue
         bad.append(module if names == [] else f"{module} ({', '.join(names)})")
     return bad

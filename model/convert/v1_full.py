@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.diffusion.schedule import LDM_SCHEDULE_BUFFERS
 from model.io.checkpoint import StateDict
 
 logger = logging.getLogger(__name__)
@@ -16,21 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Diffusion schedule buffers saved by the v1 Lightning module; the schedule is rebuilt from
 # its config, so they are not needed.
-V1_SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "logvar",
-)
+V1_SCHEDULE_BUFFERS = (*LDM_SCHEDULE_BUFFERS, "logvar")
 
 
 # v1 prefix -> destination: the SD layout keeps its prefixes, the others are stripped.

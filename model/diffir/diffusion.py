@@ -14,21 +14,6 @@ from torch import Tensor, nn
 
 from model.diffir.dirformer import IPR_DIM
 
-SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
-
 
 def ipr_schedule(timesteps: int, linear_start: float, linear_end: float) -> dict[str, Tensor]:
     """The 12 DDPM buffers in float64: betas linear in sqrt space ("linear" of ldm), v_posterior 0."""

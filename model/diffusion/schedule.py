@@ -23,6 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The 12 schedule buffers an original LDM/DDPM module registers (and its checkpoints hold).
+LDM_SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
 Parameterization = Literal["eps", "v"]
 # model_fn(z_t, t, cond) -> eps or v; t holds original (training) timesteps, shape (B,).
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]

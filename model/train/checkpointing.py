@@ -79,7 +79,9 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
 def checkpoint_step(path: Path) -> int:
     """The global step a Lightning checkpoint was saved at (memory-mapped, tensors not read)."""
     try:
-        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", mmap=True)
+        checkpoint: dict[str, Any] = torch.load(
+            path, map_location="cpu", mmap=True, weights_only=True
+        )
     except Exception as e:  # noqa: BLE001 - any unreadable file is one message
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ResumeError(f"--resume {path}: not a readable checkpoint ({reason})") from e

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from model.train.ranks import gather_to_rank0
+from model.io.ranks import gather_to_rank0
 
 log = logging.getLogger(__name__)
 
