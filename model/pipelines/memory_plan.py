@@ -41,14 +41,15 @@ class StageCost:
         return (self.intercept + self.per_pixel * pixels * batch) * element_bytes
 
 
-# Measured on the CPU (2 cores, torch 2.14.1, full-size random weights), in elements per pixel
-# of the stage input (stage1: processing size; VAE and diffusion: image pixels of a tile);
-# results/bench/memory_cpu_*.json holds the raw peaks.
+# Measured on the CPU (2 cores, torch 2.14.1, fp32, full-size random weights, 256 and 512 px;
+# results/bench/memory_cpu_fp32.json holds the raw peaks), in elements per pixel of the stage
+# input (stage1: processing size; VAE and diffusion: image pixels of a tile). GPU coefficients
+# have not been measured: the same per-element figures are used there.
 COSTS: dict[str, StageCost] = {
-    "stage1": StageCost(intercept=2.0e7, per_pixel=2200.0),
-    "vae_encoder": StageCost(intercept=1.0e7, per_pixel=700.0),
-    "vae_decoder": StageCost(intercept=1.0e7, per_pixel=1500.0),
-    "diffusion": StageCost(intercept=3.0e7, per_pixel=60.0),
+    "stage1": StageCost(intercept=1.2e5, per_pixel=262.0),
+    "vae_encoder": StageCost(intercept=1.4e5, per_pixel=643.0),
+    "vae_decoder": StageCost(intercept=5.4e5, per_pixel=961.0),
+    "diffusion": StageCost(intercept=2.9e7, per_pixel=62.0),
 }
 # Smallest tiles worth running (image pixels); diffusion tiles below 256 lose global coherence.
 MIN_TILES = {"stage1": 128, "vae_encoder": 128, "vae_decoder": 128, "diffusion": 256}
