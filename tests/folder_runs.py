@@ -44,6 +44,13 @@ def stage1_argv(weights: Path, src: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def reference_run(weights: Path, root: Path, count: int) -> tuple[Path, Path, list[str]]:
+    """(inputs, one uninterrupted process's outputs, output names) of `count` images."""
+    names = write_inputs(root / "in", count)
+    assert inference.main(stage1_argv(weights, root / "in", root / "out")) == 0
+    return root / "in", root / "out", names
+
+
 def _main(main: Main, argv: list[str], log: Path, env: dict[str, str]) -> None:
     os.environ.update(env)
     with open(log, "w", encoding="utf-8") as f:

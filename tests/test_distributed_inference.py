@@ -24,19 +24,16 @@ from tests.folder_runs import (
     dead_pid,
     finished,
     kill_when,
+    reference_run,
     stage1_argv,
     start_ranks,
-    write_inputs,
 )
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_weights: Path, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(inputs, one process's outputs, output names) of 20 images."""
-    root = tmp_path_factory.mktemp("reference")
-    names = write_inputs(root / "in", 20)
-    assert inference.main(stage1_argv(tiny_weights, root / "in", root / "out")) == 0
-    return root / "in", root / "out", names
+    return reference_run(tiny_weights, tmp_path_factory.mktemp("reference"), 20)
 
 
 def test_claims_of_ranks_runs_and_dead_processes(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from tests.folder_runs import (
     finished,
     kill_when,
     plant_leftovers,
+    reference_run,
     restored_count,
     stage1_argv,
     start,
@@ -30,10 +31,7 @@ from tests.folder_runs import (
 @pytest.fixture(scope="module")
 def reference(tiny_weights: Path, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(inputs, an uninterrupted run's outputs, output names) of 12 images."""
-    root = tmp_path_factory.mktemp("reference")
-    names = write_inputs(root / "in", 12)
-    assert inference.main(stage1_argv(tiny_weights, root / "in", root / "out")) == 0
-    return root / "in", root / "out", names
+    return reference_run(tiny_weights, tmp_path_factory.mktemp("reference"), 12)
 
 
 def _write_many(path: Path, count: int) -> None:
