@@ -1,15 +1,18 @@
-"""Reproduce one benchmark table of the DiffBIR paper: test set -> restoration -> metrics -> table.
+"""Reproduce one benchmark table of the DiffBIR or DiffIR paper: test set -> restoration ->
+metrics -> table.
 
 A config under configs/reproduce/ (read and checked by `model.eval.reproduce`) names the test
-set, the DiffBIR task and version, the sampling settings (`inference`: `PipelineOptions`
-fields), the evaluation settings (`evaluate`: `EvalConfig` fields), the metrics, the paper's
-numbers with their source and third-party re-measurements (`reference`, each with its source and
-protocol). The steps, each a library call (see --dry-run):
+set, the method (DiffBIR, or `method: diffir`: DiffIRS2-GAN.pth from --weights-dir unless the
+config names a `checkpoint`), the DiffBIR task and version, the sampling settings
+(`inference`: `PipelineOptions` fields), the evaluation settings (`evaluate`: `EvalConfig`
+fields), the metrics, the paper's numbers with their source and other measurements
+(`reference`, each with its source and protocol). The steps, each a library call (see --dry-run):
 
 1. make the test set under OUT/testset with `dataset.testsets` (synthetic configs; reused when
    its meta.json records the same settings and source),
-2. restore it into OUT/restored with the pipeline of `model.pipelines.loading` and the folder
-   runner that inference.py uses (finished images are skipped on a rerun),
+2. restore it into OUT/restored with the pipeline of `model.pipelines.loading` (DiffIR:
+   `model.diffir.pipeline`) and the folder runner that inference.py uses (finished images are
+   skipped on a rerun),
 3. score OUT/restored into OUT/eval with `model.eval.scoring` (metrics.csv, summary.json,
    summary.md),
 4. write OUT/table.md: the paper's row (when the config has its numbers) and each reference row
@@ -36,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset.testsets import TestsetConfig, existing_testset, make_testset
+from model.diffir.pipeline import DEFAULT_WEIGHTS as DIFFIR_WEIGHTS
+from model.diffir.pipeline import DiffIRPipeline
 from model.eval.reproduce import (
     ConfigError,
     ReproduceConfig,
@@ -56,10 +61,11 @@ from model.io.folder_jobs import (
     triage,
 )
 from model.io.logs import setup_logging
-from model.io.weights import DEFAULT_WEIGHTS_DIR, MissingWeightsError
+from model.io.weights import DEFAULT_WEIGHTS_DIR, REGISTRY, MissingWeightsError
 from model.pipelines.distributed import Dist, all_gather, device_for, from_env, run_id, shutdown
 from model.pipelines.folder_run import Counts, FolderRunner, finish, run_record
 from model.pipelines.loading import load_pretrained_task
+from model.pipelines.restorer import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +159,10 @@ def plan(
         "offline": opts.offline, "overwrite": opts.overwrite,
         "limit": restore_limit(testset, opts), **cfg.option_settings(),
     }  # fmt: skip
+    if cfg.method == "diffir":  # one network: no version, precision or architecture YAML
+        for key in ("version", "precision", "model_config"):
+            del restore[key]
+        restore = {"method": "diffir", "weights": diffir_weights(cfg, opts), **restore}
     steps.append(Step("restore", "finished images are skipped", restore))
     score = {f.name: getattr(scoring, f.name) for f in dataclasses.fields(scoring)}
     steps.append(Step("evaluate", "", {**score, "out": opts.eval_dir}))
@@ -162,7 +172,28 @@ def plan(
     return steps
 
 
+def diffir_weights(cfg: ReproduceConfig, opts: RunOptions) -> Path:
+    """DiffIR's weights: the config's `checkpoint` (relative: under --weights-dir), else
+    DiffIRS2-GAN.pth in --weights-dir."""
+    return opts.weights_dir / (cfg.checkpoint or REGISTRY[DIFFIR_WEIGHTS].filename)
+
+
 # --------------------------------------------------------------------------- run
+
+
+def load_pipeline(cfg: ReproduceConfig, opts: RunOptions, dist: Dist) -> Pipeline:
+    """The restoration pipeline of `cfg` on this process's device."""
+    device = device_for(opts.device, dist)
+    if cfg.method == "diffir":
+        weights = diffir_weights(cfg, opts)
+        if cfg.checkpoint is not None and not weights.is_file():
+            raise ConfigError(f"{cfg.path}: checkpoint {weights}: file not found")
+        folder_or_file = weights if cfg.checkpoint else opts.weights_dir
+        return DiffIRPipeline.from_pretrained(folder_or_file, device, offline=opts.offline)
+    return load_pretrained_task(
+        cfg.version, cfg.task, weights_dir=opts.weights_dir, device=device,
+        dtype=opts.precision, model_config=opts.model_config, offline=opts.offline,
+    )  # fmt: skip
 
 
 def restore(cfg: ReproduceConfig, opts: RunOptions, limit: int | None, dist: Dist) -> int:
@@ -170,8 +201,11 @@ def restore(cfg: ReproduceConfig, opts: RunOptions, limit: int | None, dist: Dis
     shared by the processes of `dist`; returns 0, or 1 when some failed."""
     settings = OutputSettings(opts.restored)
     model_config = None if opts.model_config is None else str(opts.model_config)
-    parameters = {"version": cfg.version, "task": cfg.task, "precision": opts.precision,
-                  "model_config": model_config, "options": dataclasses.asdict(cfg.options)}  # fmt: skip
+    parameters = {"method": cfg.method, "version": cfg.version, "task": cfg.task,
+                  "precision": opts.precision, "model_config": model_config,
+                  "options": dataclasses.asdict(cfg.options)}  # fmt: skip
+    if cfg.method == "diffir":
+        parameters["weights"] = str(diffir_weights(cfg, opts))
     pipeline = None
     try:
         files, root, captions = collect_inputs(str(image_folders(cfg, opts)[0]), opts.restored)
@@ -179,11 +213,7 @@ def restore(cfg: ReproduceConfig, opts: RunOptions, limit: int | None, dist: Dis
         check_writable(opts.restored, "--out")
         todo, skipped, skipped_other = triage(jobs, parameters, opts.overwrite)
         if todo:
-            pipeline = load_pretrained_task(
-                cfg.version, cfg.task, weights_dir=opts.weights_dir,
-                device=device_for(opts.device, dist), dtype=opts.precision,
-                model_config=opts.model_config, offline=opts.offline,
-            )  # fmt: skip
+            pipeline = load_pipeline(cfg, opts, dist)
     except (MissingWeightsError, WeightFileError, ValueError, OSError) as e:
         raise ConfigError(f"restore: {e}") from e
     claims, counts = Claims(run_id(dist), dist.rank, dist.world_size), Counts()
@@ -291,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, overrides)
+        if cfg.method == "diffir" and opts.precision != "fp32":
+            raise ConfigError(f"--precision {opts.precision}: DiffIR runs in fp32 only")
         testset = testset_config(cfg, opts)
         lq, gt = image_folders(cfg, opts)
         scoring = eval_config(cfg, opts.restored, gt, opts.device, opts.metric_weights_dir)

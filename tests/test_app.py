@@ -8,15 +8,20 @@ short side 32 (one 8×8 latent), so a run takes about a second.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
+from model.diffir import DiffIRS2, save_diffir
 from model.io.weights import MissingWeightsError
+from model.pipelines.inputs import to_uint8
 from scripts import app
 from scripts.app import OOM_MESSAGE, AppConfig, Restorer, RunRequest, error_message
 
@@ -26,6 +31,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 FAST = {"task": "sr", "upscale": 2.0, "steps": 2, "seed": 5, "min_short_side": 32}
+DIFFIR_TINY = {"n_encoder_res": 1, "dim": 8, "num_blocks": [1, 1, 1, 1],
+               "num_refinement_blocks": 1, "heads": [1, 1, 2, 2], "ffn_expansion_factor": 2.0,
+               "layer_norm": "BiasFree"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +48,9 @@ def restorer(tiny_weights: Path) -> Restorer:
     return Restorer(config)
 
 
-def _write_input(path: Path, channels: int = 3) -> Path:
+def _write_input(path: Path, channels: int = 3, size: tuple[int, int] = (24, 32)) -> Path:
     rng = np.random.default_rng(0)
-    cv2.imwrite(str(path), rng.integers(0, 256, (24, 32, channels), dtype=np.uint8))
+    cv2.imwrite(str(path), rng.integers(0, 256, (*size, channels), dtype=np.uint8))
     return path
 
 
@@ -65,7 +73,7 @@ def test_pipelines_are_cached_and_shared_by_equal_weights(restorer: Restorer) ->
     assert restorer.pipeline("v2.1", "sr") is sr
     assert restorer.pipeline("v2.1", "denoise") is sr  # v2.1 uses the same files for both
     assert restorer.pipeline("v1", "face") is not sr
-    assert restorer.versions == ["v1", "v2", "v2.1"]  # no custom without its three files
+    assert restorer.versions == ["v1", "v2", "v2.1", "diffir"]  # no custom without its files
 
 
 def test_alpha_tiling_and_guidance(restorer: Restorer, tmp_path: Path) -> None:
@@ -87,15 +95,62 @@ def test_alpha_tiling_and_guidance(restorer: Restorer, tmp_path: Path) -> None:
     assert cv2.imread(str(result.png), cv2.IMREAD_UNCHANGED).shape == (24, 32, 4)
 
 
-def test_errors_become_one_line_messages(tiny_weights: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def diffir_restorer(tmp_path_factory: pytest.TempPathFactory) -> Restorer:
+    """A Restorer whose DiffIR is a tiny random DiffIRS2 export (as the pipeline tests make)."""
+    torch.manual_seed(0)
+    weights = tmp_path_factory.mktemp("diffir") / "diffir_s2_last.safetensors"
+    save_diffir(DiffIRS2(**DIFFIR_TINY), weights)
+    empty = tmp_path_factory.mktemp("no_weights")
+    return Restorer(AppConfig(weights_dir=empty, diffir_ckpt=weights, device="cpu", offline=True))
+
+
+def test_diffir_restores_through_the_demo(diffir_restorer: Restorer, tmp_path: Path) -> None:
+    src = _write_input(tmp_path / "lq.png")
+    lq = torch.from_numpy(cv2.imread(str(src))[..., ::-1] / 255.0).float().permute(2, 0, 1)[None]
+    pipe = diffir_restorer.pipeline("diffir", "sr")
+    request = RunRequest(task="sr", version="diffir", upscale=4.0, seed=5, steps=1)
+    result = diffir_restorer.restore(src, request)
+    assert result.after.shape == result.before.shape == (96, 128, 3)
+    assert result.png.name == "lq_diffir_sr_x4_s5.png" and "32×24 → 128×96" in result.summary
+    assert "DiffIR · seed 5" in result.summary and "steps" not in result.summary
+    # the network's own output at this seed, not an upsampled input
+    np.testing.assert_array_equal(result.after, to_uint8(pipe(lq, seed=5)[0]))
+    assert np.abs(result.after.astype(int) - result.before.astype(int)).mean() > 10
+    np.testing.assert_array_equal(cv2.imread(str(result.png))[..., ::-1], result.after)
+    # "stage 1" tiles split the DIRformer (a 64x112 input in three 64-pixel tiles)
+    wide = _write_input(tmp_path / "wide.png", size=(64, 112))
+    lq = torch.from_numpy(cv2.imread(str(wide))[..., ::-1] / 255.0).float().permute(2, 0, 1)[None]
+    tiles = dict(tile_stages=("stage 1",), stage1_tile_size=64, stage1_tile_stride=32)
+    tiled = diffir_restorer.restore(wide, dataclasses.replace(request, **tiles)).after
+    np.testing.assert_array_equal(tiled, to_uint8(pipe(lq, 5, tile_size=64, tile_stride=32)[0]))
+    assert not np.array_equal(tiled, to_uint8(pipe(lq, seed=5)[0]))
+    other = diffir_restorer.restore(src, dataclasses.replace(request, seed=6, upscale=2.0))
+    assert other.after.shape == (48, 64, 3) and other.seed == 6
+    with pytest.raises(ValueError, match="DiffIR restores task sr only"):
+        diffir_restorer.restore(src, dataclasses.replace(request, task="denoise"))
+
+
+def test_choosing_diffir_fixes_the_task_and_hides_diffbir_controls() -> None:
+    gr = SimpleNamespace(update=lambda **kw: kw)
+    task, *hidden = app._version_switch(gr, 3)("diffir")
+    assert task == {"value": "sr", "interactive": False}
+    assert hidden == [{"visible": False}] * 3
+    task, *hidden = app._version_switch(gr, 3)("v2")
+    assert task == {"interactive": True} and hidden == [{"visible": True}] * 3
+    assert {"sampler", "steps", "cfg_scale", "pos_prompt"} <= set(app.DIFFBIR_ONLY)
+    assert not {"seed", "upscale", "stage1_tile_size"} & set(app.DIFFBIR_ONLY)
+
+
+def test_errors_become_one_line_messages(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     empty = Restorer(AppConfig(weights_dir=tmp_path / "none", device="cpu", offline=True))
     with pytest.raises(MissingWeightsError) as info:
         empty.restore(_write_input(tmp_path / "a.png"), RunRequest(**FAST))
     message = error_message(info.value)
     for name in ("sd2.1-base-zsnr-laionaes5.ckpt", "DiffBIR_v2.1.pt", "realesrgan_s4_swinir_100k"):
         assert name in message
-    import torch
-
     assert error_message(torch.OutOfMemoryError("CUDA out of memory")) == OOM_MESSAGE
     assert "Tiling" in OOM_MESSAGE
     (tmp_path / "bad.png").write_bytes(b"not an image")
@@ -107,6 +162,8 @@ def test_errors_become_one_line_messages(tiny_weights: Path, tmp_path: Path) -> 
     bad = tmp_path / "bad.yaml"
     bad.write_text("unet: 1\n")
     assert app.main(["--model-config", str(bad), "--device", "cpu"]) == 2
+    assert app.main(["--diffir-ckpt", str(tmp_path / "none.pth")]) == 2
+    assert capsys.readouterr().err.endswith("none.pth: file not found\n")
 
 
 def test_every_flag_has_help() -> None:

@@ -117,8 +117,8 @@ def test_the_library_never_imports_dataset_scripts_or_entry_points() -> None:
 
 
 def test_no_library_or_script_file_grows_past_500_lines() -> None:
-    # ~400 is the aim; scripts/app.py (one line per UI control) and scripts/benchmark.py are
-    # the two files above 450.
+    # ~400 is the aim; model/pipelines/diffbir.py and scripts/benchmark.py are the two files
+    # above 450.
     files = [*(ROOT / "model").rglob("*.py"), *(ROOT / "dataset").rglob("*.py"),
              *(ROOT / "scripts").glob("*.py"), ROOT / "inference.py", ROOT / "train.py"]  # fmt: skip
     lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in files}

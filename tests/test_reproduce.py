@@ -14,17 +14,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 
+from model.diffir import DiffIRS2, save_diffir
+from model.diffir.pipeline import DiffIRPipeline
 from model.diffusion.latent_guidance import LatentGuidance
 from model.eval.reproduce import ConfigError, load_config
 from model.io.images import read_image
+from model.pipelines.inputs import to_uint8
 from scripts.reproduce import main
 
 CONFIGS = sorted(Path("configs/reproduce").glob("*.yaml"))
+DIFFIR_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("method") == "diffir"]
+DIFFBIR_CONFIGS = [p for p in CONFIGS if p not in DIFFIR_CONFIGS]
 DIV2K = Path("configs/reproduce/bsr_synthetic_div2k.yaml")
+DIFFIR_REALSR = Path("configs/reproduce/diffir_realsr_canon_x4.yaml")
 OSEDIFF = "DiffBIR-s50, re-measured by OSEDiff (Table 1)"
 TSDSR = "DiffBIR-s50, re-measured by TSD-SR (multi-step table)"
+DIFFIR_TINY = {"n_encoder_res": 1, "dim": 8, "num_blocks": [1, 1, 1, 1],
+               "num_refinement_blocks": 1, "heads": [1, 1, 2, 2], "ffn_expansion_factor": 2.0,
+               "layer_norm": "BiasFree"}  # fmt: skip
 OURS = "this run (v2; upscale 4, sampler spaced, steps 50, cfg_scale 4, seed 231)"
 # the run's metrics, then those only a reference reports (* computable, † not implemented)
 COLUMNS = ["PSNR↑", "SSIM↑", "LPIPS↓", "MUSIQ↑", "MANIQA↑", "CLIPIQA↑", "DISTS↓†", "FID↓*",
@@ -73,7 +83,7 @@ def _table(text: str) -> dict[str, dict[str, str]]:
     }
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", DIFFBIR_CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_plans(path: Path, tmp_path: Path, capsys) -> None:
     cfg = load_config(path)
     assert cfg.name == path.stem and cfg.version == "v2"
@@ -191,6 +201,84 @@ def test_end_to_end_on_tiny_weights(tiny_weights: Path, tmp_path: Path, capsys) 
     capsys.readouterr()
     assert main([*argv, "--set", "data.seed=1"]) == 2
     assert "holds a test set made with other settings" in capsys.readouterr().err
+
+
+# The DiffIR paper's real-world SR table (shared/reference/numbers.md): DiffIR-S2, Real-ESRGAN
+# and LDM as (LPIPS, DISTS, PSNR), on RealSR and NTIRE2020-Track1.
+DIFFIR_TABLE = {
+    "diffir_realsr_canon_x4": {"DiffIR, paper": ("0.3527", "0.1588", "27.65"),
+                               "Real-ESRGAN": ("0.3629", "0.1609", "26.07"),
+                               "LDM": ("0.4369", "0.1982", "26.37")},
+    "diffir_ntire2020_track1": {"DiffIR, paper": ("0.3088", "0.1131", "27.31"),
+                                "Real-ESRGAN": ("0.3471", "0.1326", "26.40"),
+                                "LDM": ("0.4763", "0.1844", "25.68")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", DIFFIR_CONFIGS, ids=lambda p: p.stem)
+def test_diffir_configs_plan_a_diffir_restoration(path: Path, tmp_path: Path, capsys) -> None:
+    cfg = load_config(path)
+    assert (cfg.method, cfg.version, cfg.task, cfg.checkpoint) == ("diffir", "diffir", "sr", None)
+    assert cfg.evaluate == {"y_channel": True, "crop_border": 4}  # DiffIR's Metric/PSNR.py
+    argv = ["--config", str(path), "--data", "d", "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main([*argv, "--weights-dir", "w"]) == 0
+    out = capsys.readouterr().out
+    cells = _table(out)
+    labels = {"DiffIR, paper": "DiffIR, paper", "Real-ESRGAN": "Real-ESRGAN, in the DiffIR "
+              "paper's table", "LDM": "LDM, in the DiffIR paper's table"}  # fmt: skip
+    assert list(cells) == ["", *labels.values(), "this run (DiffIR; upscale 4, seed 0)"]
+    assert list(cells[""]) == ["PSNR↑", "SSIM↑", "LPIPS↓", "DISTS↓†"]
+    for short, (lpips, dists, psnr) in DIFFIR_TABLE[path.stem].items():
+        row = cells[labels[short]]
+        assert (row["LPIPS↓"], row["DISTS↓†"], row["PSNR↑"], row["SSIM↑"]) == (
+            lpips, dists, psnr, "—")  # fmt: skip
+    restore = _steps(out)["restore"]
+    assert restore["method"] == "diffir" and restore["weights"] == str(Path("w/DiffIRS2-GAN.pth"))
+    assert not {"version", "sampler", "steps", "precision"} & set(restore)
+    assert (restore["upscale"], restore["seed"]) == ("4", "0")
+    assert "realworldsr-quan.jpg" in out and "LPIPS-Alex" in out  # source and protocol caveat
+
+
+def test_diffir_config_errors(tmp_path: Path, capsys) -> None:
+    cases = [
+        (DIFFIR_REALSR, ["--set", "version=v2"], "`version` is for method diffbir"),
+        (DIFFIR_REALSR, ["--set", "inference.steps=10"], "`steps` is not a DiffIR option"),
+        (DIFFIR_REALSR, ["--set", "task=denoise"], "method diffir restores task sr only"),
+        (DIFFIR_REALSR, ["--set", "method=difir"], "method 'difir' not in ('diffbir', 'diffir')"),
+        (DIFFIR_REALSR, ["--precision", "fp16"], "--precision fp16: DiffIR runs in fp32 only"),
+        (DIV2K, ["--set", "checkpoint=x.pth"], "`checkpoint` is for method diffir"),
+    ]  # fmt: skip
+    for path, extra, message in cases:
+        argv = ["--config", str(path), "--data", "d", "--out", str(tmp_path / "o"), "--dry-run"]
+        assert main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+
+
+def test_diffir_run_on_tiny_weights(tmp_path: Path, capsys) -> None:
+    """The RealSR config restores with DiffIRPipeline (its seed, the config's checkpoint)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "diffir_tiny.safetensors"
+    save_diffir(DiffIRS2(**DIFFIR_TINY), weights)
+    data, out = _pairs(tmp_path / "pairs"), tmp_path / "run"
+    argv = ["--config", str(DIFFIR_REALSR), "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--metrics", "psnr,ssim", "--set", f"checkpoint={weights}"]  # fmt: skip
+    missing = [*argv[:-1], "checkpoint=none.safetensors", "--weights-dir", str(tmp_path)]
+    assert main(missing) == 2
+    assert f"checkpoint {tmp_path / 'none.safetensors'}: file not found" in capsys.readouterr().err
+    assert main(argv) == 0
+    pipe = DiffIRPipeline.from_pretrained(weights, device="cpu")
+    for name in ("x.png", "y.png"):
+        lq = torch.from_numpy(read_image(data / "lq" / name)).permute(2, 0, 1)[None]
+        expected = to_uint8(pipe(lq, seed=0)[0])
+        np.testing.assert_array_equal(cv2.imread(str(out / "restored" / name))[..., ::-1], expected)
+    sidecar = json.loads((out / "restored" / "x.png.json").read_text())
+    assert sidecar["version"] == "diffir" and sidecar["weights"]["diffir"] == str(weights)
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    cells = _table((out / "table.md").read_text())
+    ours = cells["this run (DiffIR; upscale 4, seed 0)"]
+    assert ours["PSNR↑"] == f"{summary['means']['psnr']:.2f}" and ours["LPIPS↓*"] == "—"
+    assert cells["DiffIR, paper"]["PSNR↑"] == "27.65"
 
 
 def _pairs(root: Path) -> Path:

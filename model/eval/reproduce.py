@@ -1,10 +1,11 @@
 """Reproduce configs (configs/reproduce/*.yaml): loading and checks, the steps, the paper table.
 
 A config names the test set (`data`: a synthetic protocol of `dataset.testsets`, or a public
-folder with or without ground truth), the DiffBIR task and version, the sampling settings
-(`inference`: `PipelineOptions` fields), the evaluation settings (`evaluate`: `EvalConfig`
-fields), the metrics, the paper's numbers with their source (`paper`) and third-party
-re-measurements of DiffBIR with their source and protocol (`reference`). `load_config` checks all
+folder with or without ground truth), the method (`method`: diffbir, the default, or diffir),
+the DiffBIR task and version, the sampling settings (`inference`: `PipelineOptions` fields;
+DiffIR reads only `DIFFIR_OPTIONS`, and its weights are `checkpoint` or DiffIRS2-GAN.pth), the
+evaluation settings (`evaluate`: `EvalConfig` fields), the metrics, the paper's numbers with
+their source (`paper`) and other measurements with their source and protocol (`reference`). `load_config` checks all
 of it but the synthetic test-set settings (`dataset.testsets.TestsetConfig` checks those) and
 reports the first problem in one line naming the file; `render_table` puts the paper's row (when
 it has numbers) and each reference row next to a run's, or next to empty cells before a run. The
@@ -35,8 +36,17 @@ from model.pipelines.options import PipelineOptions
 from model.pipelines.presets import DEFAULT_UPSCALE, TASK_CHOICES, VERSION_CHOICES
 
 DATA_KINDS = ("synthetic", "paired", "lq_only")
-CONFIG_KEYS = ("name", "title", "task", "version", "data", "inference", "metrics", "evaluate",
-               "paper", "reference")  # fmt: skip
+CONFIG_KEYS = ("name", "title", "method", "task", "version", "checkpoint", "data", "inference",
+               "metrics", "evaluate", "paper", "reference")  # fmt: skip
+METHODS = {"diffbir": "DiffBIR", "diffir": "DiffIR"}  # config value -> name in the table
+# the PipelineOptions fields DiffIR reads (model.pipelines.restorer.make_restorer)
+DIFFIR_OPTIONS = ("upscale", "seed", "stage1_tile_size", "stage1_tile_stride")
+# what the reference rows of each method's configs are
+REFERENCE_NOTES = {
+    "diffbir": "DiffBIR re-measured by other groups with their own protocol, not the DiffBIR "
+    "paper's numbers",
+    "diffir": "other methods as the DiffIR paper's table reports them (the paper row's protocol)",
+}
 # data keys of the folder kinds (synthetic ones are TestsetConfig fields besides these two)
 DATA_KEYS = {"paired": ("kind", "lq", "gt", "source"), "lq_only": ("kind", "lq", "source")}
 # EvalConfig fields that the run sets itself: not allowed under `evaluate`
@@ -63,15 +73,18 @@ class ReproduceConfig:
 
     Args:
         path: the YAML file (named in every error).
-        name, title, task, version: as in the file.
+        name, title, task: as in the file.
+        version: the DiffBIR version; "diffir" for method diffir.
         data: the `data` section (kind, folders or test-set settings, source).
         options: the pipeline options of `inference` (upscale defaults to the task's).
         inference_keys: the options the config sets, upscale always included (shown in steps).
         evaluate: `EvalConfig` fields of the `evaluate` section.
         metrics: metric names (`model.eval.scoring.ALL_METRICS`).
         paper: source, values (metric -> number) and note.
-        reference: third-party re-measurements, each with label, source, protocol, values
+        reference: other measurements, each with label, source, protocol, values
             (metric -> number) and an optional note.
+        method: "diffbir" or "diffir".
+        checkpoint: DiffIR weights (relative: under --weights-dir), or None.
     """
 
     path: Path
@@ -86,6 +99,8 @@ class ReproduceConfig:
     metrics: tuple[str, ...]
     paper: dict[str, Any]
     reference: tuple[dict[str, Any], ...] = ()
+    method: str = "diffbir"
+    checkpoint: str | None = None
 
     def option_settings(self) -> dict[str, Any]:
         """The options the config sets (validated values), in `PipelineOptions` field order."""
@@ -213,6 +228,30 @@ def _pipeline_options(inference: dict[str, Any], task: str, where: str) -> Pipel
         raise ConfigError(f"{where}: {e}") from e
 
 
+def _check_method(cfg: dict[str, Any], where: str) -> tuple[str, str, str | None]:
+    """(method, version, checkpoint) of a config: DiffIR has no version and restores task sr;
+    a checkpoint is DiffIR's only."""
+    method = cfg.get("method", "diffbir")
+    if method not in METHODS:
+        raise ConfigError(f"{where}: method {method!r} not in {tuple(METHODS)}")
+    checkpoint = cfg.get("checkpoint")
+    if method == "diffbir":
+        if checkpoint is not None:
+            raise ConfigError(f"{where}: `checkpoint` is for method diffir")
+        version = _require(cfg, "version", str, where)
+        if version not in VERSION_CHOICES:
+            raise ConfigError(f"{where}: version {version!r} not in {VERSION_CHOICES}")
+        return method, version, None
+    if "version" in cfg:
+        raise ConfigError(f"{where}: `version` is for method diffbir (DiffIR has one network)")
+    if cfg["task"] != "sr":
+        raise ConfigError(f"{where}: method diffir restores task sr only, not {cfg['task']!r}")
+    if checkpoint is not None and not (isinstance(checkpoint, str) and checkpoint.strip()):
+        raise ConfigError(f"{where}: `checkpoint` must be a file name or path")
+    check_keys(cfg.get("inference") or {}, DIFFIR_OPTIONS, f"{where}: inference", "DiffIR option")
+    return method, "diffir", checkpoint
+
+
 def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
     """Read a reproduce config, apply `KEY=VALUE` overrides (dotted keys, list items by index,
     YAML values) and check it (ConfigError)."""
@@ -234,11 +273,10 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
         raise ConfigError(f"{path}: a reproduce config must be a mapping")
     where = str(path)
     check_keys(cfg, CONFIG_KEYS, where, "reproduce config key")
-    for key in ("name", "title", "task", "version"):
+    for key in ("name", "title", "task"):
         _require(cfg, key, str, where)
-    for key, choices in (("task", TASK_CHOICES), ("version", VERSION_CHOICES)):
-        if cfg[key] not in choices:
-            raise ConfigError(f"{where}: {key} {cfg[key]!r} not in {choices}")
+    if cfg["task"] not in TASK_CHOICES:
+        raise ConfigError(f"{where}: task {cfg['task']!r} not in {TASK_CHOICES}")
     metrics = _require(cfg, "metrics", list, where)
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if not metrics or unknown:
@@ -252,6 +290,7 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
     for section in ("inference", "evaluate"):
         if not isinstance(cfg.get(section) or {}, dict):
             raise ConfigError(f"{where}: `{section}` must be a mapping of fields to values")
+    method, version, checkpoint = _check_method(cfg, where)
     inference = cfg.get("inference") or {}
     evaluate = cfg.get("evaluate") or {}
     check_keys(evaluate, _field_names(EvalConfig), f"{where}: evaluate", "EvalConfig field",
@@ -260,8 +299,9 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
     keys = tuple(k for k in _field_names(PipelineOptions) if k in inference or k == "upscale")
     return ReproduceConfig(
         path=path, name=cfg["name"], title=cfg["title"], task=cfg["task"],
-        version=cfg["version"], data=cfg["data"], options=options, inference_keys=keys,
+        version=version, data=cfg["data"], options=options, inference_keys=keys,
         evaluate=evaluate, metrics=tuple(metrics), paper=paper, reference=reference,
+        method=method, checkpoint=checkpoint,
     )  # fmt: skip
 
 
@@ -323,8 +363,11 @@ def _cell(text: str) -> str:
 
 
 def run_label(cfg: ReproduceConfig) -> str:
-    """'this run (v2; upscale 4, sampler spaced, steps 50, ...)' from the key options."""
+    """'this run (v2; upscale 4, sampler spaced, steps 50, ...)' from the key options
+    (DiffIR: 'this run (DiffIR; upscale 4, seed 231)')."""
     o = cfg.options
+    if cfg.method == "diffir":
+        return f"this run (DiffIR; upscale {o.upscale:g}, seed {o.seed})"
     return (
         f"this run ({cfg.version}; upscale {o.upscale:g}, sampler {o.sampler}, steps {o.steps}, "
         f"cfg_scale {o.cfg_scale:g}, seed {o.seed})"
@@ -354,7 +397,9 @@ def render_table(
     means = (summary or {}).get("means", {})
     rows = []
     if paper:
-        rows.append(("DiffBIR, paper", [_reported(m, paper.get(m)) for m in metrics]))
+        rows.append(
+            (f"{METHODS[cfg.method]}, paper", [_reported(m, paper.get(m)) for m in metrics])
+        )
     for ref in cfg.reference:
         rows.append((ref["label"], [_reported(m, ref["values"].get(m)) for m in metrics]))
     ours = [_format(m, means.get(m)) if m in cfg.metrics else EMPTY for m in metrics]
@@ -378,10 +423,7 @@ def render_table(
     if cfg.paper.get("note"):
         lines.append(f"- note: {cfg.paper['note']}")
     if cfg.reference:
-        lines.append(
-            "- reference rows: DiffBIR re-measured by other groups with their own protocol, not "
-            "the DiffBIR paper's numbers"
-        )
+        lines.append(f"- reference rows: {REFERENCE_NOTES[cfg.method]}")
     for ref in cfg.reference:
         note = f" Note: {ref['note']}" if ref.get("note") else ""
         lines.append(f"- {ref['label']}: {ref['source']}. Protocol: {ref['protocol']}.{note}")
