@@ -137,10 +137,12 @@ def test_resume_restores_weights_optimizers_and_noise_stream(
     assert ckpt["global_step"] == steps and len(ckpt["optimizer_states"]) == 2
     assert not any(k.startswith(("teacher.", "perceptual.")) for k in ckpt["state_dict"])
     at_start: list[tuple[dict, torch.Tensor]] = []
+    start = DiffIRS2GANSystem.on_train_start
     monkeypatch.setattr(
         DiffIRS2GANSystem, "on_train_start",
-        lambda self: at_start.append(({k: v.clone() for k, v in self.state_dict().items()},
-                                      self._noise.get_state())),
+        lambda self: (start(self),
+                      at_start.append(({k: v.clone() for k, v in self.state_dict().items()},
+                                       self._noise.get_state()))),
     )  # fmt: skip
     assert (
         train.main([*stage_args("s2_gan", run, demo_images, chain, steps + 2), "--resume", "last"])
@@ -148,7 +150,7 @@ def test_resume_restores_weights_optimizers_and_noise_stream(
     )
     ((state, noise_state),) = at_start
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
-    assert torch.equal(noise_state, ckpt["diffir_noise_state"])
+    assert torch.equal(noise_state, ckpt["diffir_noise_states"][0])  # the one rank's stream
     assert (
         torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
         == steps + 2

@@ -160,6 +160,30 @@ def test_missing_weights_is_one_clear_error_and_psnr_still_written(
     assert no_network == []  # the local check fails before pyiqa tries to download
 
 
+def test_lpips_vgg_is_full_reference_and_asks_for_its_vgg_files(
+    folders: tuple[Path, Path], tmp_path: Path, no_network: list[str]
+) -> None:
+    """lpips_vgg (DiffIR's LPIPS) is pyiqa's lpips-vgg: its own two weight files, lower better,
+    skipped without GT. (Its weights cannot be faked cheaply: VGG16 is 528 MB.)"""
+    res, gt = folders
+    weights, out = tmp_path / "weights", tmp_path / "eval"
+    with pytest.raises(iqa.MetricUnavailable, match="LPIPS_v0.1_vgg-a78928a0.pth"):
+        iqa.check_weights("lpips_vgg", weights)
+    (weights / "pyiqa").mkdir(parents=True)
+    (weights / "pyiqa" / "LPIPS_v0.1_vgg-a78928a0.pth").touch()  # the VGG16 trunk still missing
+    argv = ["--results", str(res), "--metrics", "psnr,lpips_vgg", "--out", str(out)]
+    assert main([*argv, "--gt", str(gt), "--metric-weights-dir", str(weights)]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    error = summary["errors"]["lpips_vgg"]
+    assert "vgg16-397923af.pth" in error and str(weights / "checkpoints") in error
+    assert summary["settings"]["pyiqa_models"] == {"lpips_vgg": "lpips-vgg"}
+    assert "LPIPS_VGG↓" in (out / "summary.md").read_text()
+    assert main(argv) == 0  # no GT folder
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_metrics"] == ["psnr", "lpips_vgg"]
+    assert no_network == []
+
+
 def test_failed_download_is_reported(
     folders: tuple[Path, Path],
     tmp_path: Path,

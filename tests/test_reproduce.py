@@ -227,16 +227,16 @@ def test_diffir_configs_plan_a_diffir_restoration(path: Path, tmp_path: Path, ca
     labels = {"DiffIR, paper": "DiffIR, paper", "Real-ESRGAN": "Real-ESRGAN, in the DiffIR "
               "paper's table", "LDM": "LDM, in the DiffIR paper's table"}  # fmt: skip
     assert list(cells) == ["", *labels.values(), "this run (DiffIR; upscale 4, seed 0)"]
-    assert list(cells[""]) == ["PSNR↑", "SSIM↑", "LPIPS↓", "DISTS↓†"]
+    assert list(cells[""]) == ["PSNR↑", "SSIM↑", "LPIPS_VGG↓", "DISTS↓†"]  # the paper's LPIPS
     for short, (lpips, dists, psnr) in DIFFIR_TABLE[path.stem].items():
         row = cells[labels[short]]
-        assert (row["LPIPS↓"], row["DISTS↓†"], row["PSNR↑"], row["SSIM↑"]) == (
+        assert (row["LPIPS_VGG↓"], row["DISTS↓†"], row["PSNR↑"], row["SSIM↑"]) == (
             lpips, dists, psnr, "—")  # fmt: skip
     restore = _steps(out)["restore"]
     assert restore["method"] == "diffir" and restore["weights"] == str(Path("w/DiffIRS2-GAN.pth"))
     assert not {"version", "sampler", "steps", "precision"} & set(restore)
     assert (restore["upscale"], restore["seed"]) == ("4", "0")
-    assert "realworldsr-quan.jpg" in out and "LPIPS-Alex" in out  # source and protocol caveat
+    assert "realworldsr-quan.jpg" in out and "pyiqa's LPIPS-VGG" in out  # source and protocol
 
 
 def test_diffir_config_errors(tmp_path: Path, capsys) -> None:
@@ -277,7 +277,7 @@ def test_diffir_run_on_tiny_weights(tmp_path: Path, capsys) -> None:
     summary = json.loads((out / "eval" / "summary.json").read_text())
     cells = _table((out / "table.md").read_text())
     ours = cells["this run (DiffIR; upscale 4, seed 0)"]
-    assert ours["PSNR↑"] == f"{summary['means']['psnr']:.2f}" and ours["LPIPS↓*"] == "—"
+    assert ours["PSNR↑"] == f"{summary['means']['psnr']:.2f}" and ours["LPIPS_VGG↓*"] == "—"
     assert cells["DiffIR, paper"]["PSNR↑"] == "27.65"
 
 

@@ -19,8 +19,11 @@ from urllib.parse import urlparse
 import torch
 
 # Our metric name -> pyiqa model name. MANIQA as in the DiffBIR paper: trained on PIPAL.
+# lpips is LPIPS v0.1 on AlexNet (the DiffBIR paper's); lpips_vgg the same on VGG16 (DiffIR's
+# paper computes LPIPS with the lpips package's VGG network).
 PYIQA_NAMES = {
     "lpips": "lpips",
+    "lpips_vgg": "lpips-vgg",
     "niqe": "niqe",
     "musiq": "musiq",
     "maniqa": "maniqa-pipal",
@@ -34,6 +37,10 @@ _WEIGHT_SOURCES = {
     "lpips": (
         ("pyiqa", "pyiqa.archs.lpips_arch", "default_model_urls", "0.1_alex"),
         ("checkpoints", "torchvision.models", "AlexNet_Weights", "IMAGENET1K_V1"),
+    ),
+    "lpips_vgg": (
+        ("pyiqa", "pyiqa.archs.lpips_arch", "default_model_urls", "0.1_vgg"),
+        ("checkpoints", "torchvision.models", "VGG16_Weights", "IMAGENET1K_V1"),
     ),
     "niqe": (("pyiqa", "pyiqa.archs.niqe_arch", "default_model_urls", "url"),),
     "musiq": (("pyiqa", "pyiqa.archs.musiq_arch", "default_model_urls", "koniq10k"),),

@@ -58,7 +58,8 @@ REFERENCE_KEYS = ("label", "source", "protocol", "values", "note")
 NOT_COMPUTED = ("dists",)
 VALUE_METRICS = (*ALL_METRICS, *NOT_COMPUTED)
 # column order of the metrics the run does not score (the run's own come first, in its order)
-COLUMN_ORDER = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa", "clipiqa")
+COLUMN_ORDER = ("psnr", "ssim", "lpips", "lpips_vgg", "dists", "fid", "niqe", "musiq", "maniqa",
+                "clipiqa")  # fmt: skip
 LOWER = LOWER_IS_BETTER | {"dists"}
 EMPTY = "—"  # a cell without a number
 

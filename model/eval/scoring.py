@@ -37,11 +37,11 @@ from model.pipelines.distributed import SINGLE, Dist, all_gather
 
 log = logging.getLogger(__name__)
 
-FULL_REFERENCE = ("psnr", "ssim", "lpips")
+FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg")
 NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa")
 ALL_METRICS = (*FULL_REFERENCE, *NO_REFERENCE, "fid")
 DEFAULT_METRICS = "psnr,ssim,lpips,musiq,maniqa,clipiqa"  # the DiffBIR paper's table
-LOWER_IS_BETTER = frozenset({"lpips", "niqe", "fid"})
+LOWER_IS_BETTER = frozenset({"lpips", "lpips_vgg", "niqe", "fid"})
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What the three DiffIR training systems share: the EMA generator, validation, export and
-checkpoint contents, the learning-rate steps and the private x_T noise stream."""
+checkpoint contents, the learning-rate steps and the private x_T noise stream (one per rank,
+seeded from (noise_seed, global rank) when training starts, every rank's state checkpointed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from model.diffir.dirformer import IPR_DIM
 from model.eval.metrics import psnr, ssim
+from model.io.ranks import gather_to_rank0
 from model.train.image_log import image_grid, log_image_grid
+from model.train.seeding import rank_seed, rank_state
 
 # Frozen helpers (stage-1 teacher, VGG) are rebuilt from the config, not saved in checkpoints.
 FROZEN_PREFIXES = ("teacher.", "perceptual.")
@@ -44,7 +47,8 @@ class DiffIRSystem(LightningModule):
     Args:
         network: the generator (DiffIRS1 or DiffIRS2).
         ema_decay: EMA decay per optimizer step (basicsr averages parameters only).
-        noise_seed: seed of the x_T noise stream (saved in checkpoints for an exact resume).
+        noise_seed: seed of the x_T noise streams, one per rank (saved in checkpoints for an
+            exact resume).
         val_crop_border: pixels ignored at each border by validation PSNR / SSIM.
         val_images: images in the logged LQ / output / HQ grid.
     """
@@ -61,7 +65,8 @@ class DiffIRSystem(LightningModule):
         self.network = network
         self.network_ema = copy.deepcopy(network).requires_grad_(False).eval()
         self.strict_loading = False  # checkpoints leave out the frozen helpers
-        self._noise = torch.Generator().manual_seed(noise_seed)
+        self._noise = torch.Generator()  # seeded per rank when training starts
+        self._restored_noise: list[torch.Tensor] | None = None
 
     def train(self, mode: bool = True) -> DiffIRSystem:
         """Train mode for the generator (and discriminator); EMA and frozen helpers stay in eval."""
@@ -71,6 +76,16 @@ class DiffIRSystem(LightningModule):
             if f"{name}." in FROZEN_PREFIXES:
                 child.eval()
         return self
+
+    def on_train_start(self) -> None:
+        """Continue this rank's checkpointed noise stream, or seed it from (noise_seed, rank)."""
+        restored, self._restored_noise = self._restored_noise, None
+        trainer = self.trainer
+        state = rank_state(restored, trainer.global_rank, trainer.world_size, "x_T noise states")
+        if state is not None:
+            self._noise.set_state(state)
+        else:
+            self._noise.manual_seed(rank_seed(self.hparams.noise_seed, trainer.global_rank))
 
     def draw_noise(self, batch_size: int) -> torch.Tensor:
         """x_T noise (B, 256) from the system's own stream, on the training device."""
@@ -110,22 +125,22 @@ class DiffIRSystem(LightningModule):
             log_image_grid(self.logger, "val/lq_output_hq", grid, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen helpers from the state; keep the noise stream's position."""
+        """Drop the frozen helpers from the state; keep every rank's noise stream position."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)
         }
-        checkpoint["diffir_noise_state"] = self._noise.get_state()
+        checkpoint["diffir_noise_states"] = gather_to_rank0(self._noise.get_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the noise stream; every trained tensor must be in the checkpoint."""
+        """Keep the noise streams for `on_train_start`; every trained tensor must be in the
+        checkpoint."""
         saved = checkpoint.get("state_dict", {})
         missing = [
             k for k in self.state_dict() if not k.startswith(FROZEN_PREFIXES) and k not in saved
         ]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} trained tensor(s): {missing[:3]}")
-        if "diffir_noise_state" in checkpoint:
-            self._noise.set_state(checkpoint["diffir_noise_state"])
+        self._restored_noise = checkpoint.get("diffir_noise_states")
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The EMA generator (what the original evaluates and releases), our layout."""

@@ -3,7 +3,8 @@
 The networks are built under `seed_everything(seed)`, so every rank starts from the same
 weights. When training starts, each rank re-seeds torch (CPU and CUDA), numpy and Python's
 `random` from (seed, global rank): the stage-2 timesteps, noise, VAE posterior samples and
-caption dropout, and SwinIR's drop-path, differ between ranks. A checkpoint stores every rank's
+caption dropout, and SwinIR's drop-path, differ between ranks (DiffIR's private x_T noise
+generator is seeded the same way, see `model.train.diffir_base`). A checkpoint stores every rank's
 generator states, and a resumed run continues each stream where it stopped. The data draws
 (crops, flips, degradations) have their own seeds (see `dataset.sampler.SeededIndex`).
 """
@@ -26,6 +27,23 @@ log = logging.getLogger(__name__)
 def rank_seed(seed: int, rank: int) -> int:
     """A 32-bit seed for process `rank` of a run seeded with `seed` (distinct per rank)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def rank_state(saved: list[Any] | None, rank: int, world_size: int, what: str) -> Any | None:
+    """This rank's entry of `saved` (per-rank states from a checkpoint), or None when nothing was
+    saved or a run with another number of processes saved it (logged, naming `what`)."""
+    if saved is None:
+        return None
+    if len(saved) == world_size:
+        return saved[rank]
+    log.warning(
+        "the checkpoint holds %s of %d processes, this run has %d: new random streams "
+        "(the resumed run is not an exact continuation)",
+        what,
+        len(saved),
+        world_size,
+    )
+    return None
 
 
 def seed_all(seed: int) -> None:
@@ -71,17 +89,11 @@ class RandomStreams(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         restored, self._restored = self._restored, None
-        if restored is not None and len(restored) == trainer.world_size:
-            set_rng_states(restored[trainer.global_rank])
-            return
-        if restored is not None:
-            log.warning(
-                "the checkpoint holds random states of %d processes, this run has %d: "
-                "new random streams (the resumed run is not an exact continuation)",
-                len(restored),
-                trainer.world_size,
-            )
-        seed_all(rank_seed(self.seed, trainer.global_rank))
+        state = rank_state(restored, trainer.global_rank, trainer.world_size, "random states")
+        if state is not None:
+            set_rng_states(state)
+        else:
+            seed_all(rank_seed(self.seed, trainer.global_rank))
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "ranks": gather_to_rank0(rng_states())}
