@@ -327,8 +327,11 @@ def release_text_encoder(pipeline: Pipeline, options: PipelineOptions, jobs: lis
         return
     if any(job.caption for job in jobs):
         return
-    prompts = [options.pos_prompt] + ([options.neg_prompt] if options.cfg_scale != 1 else [])
-    pipeline.release_text_encoder(keep=prompts)
+    from model.pipelines.prompts import run_prompts
+
+    pipeline.release_text_encoder(
+        run_prompts(options.pos_prompt, options.neg_prompt, options.cfg_scale)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 The whole image is `pipe(lq, options)` with the PipelineOptions inference.py builds (its
 defaults; flags override them), the LQ random at output size / upscale. Inside that call the
 pipeline's own stages are timed, wrapped on the instance: `run_stage1`, `encode_prompt`
-(cached after the first call; "cold" is timed apart with an empty cache), `_vae_encode`,
+(cached: as inference.py does, the run's prompts are encoded first, "cold", and the text
+encoder is freed before the calls), `_vae_encode`,
 `_vae_decode`, and each sampler step from its first network call (or the previous step
 `callback`) to its callback: network + tiling + CFG + sampler update. Warm-up calls are
 excluded; timed regions are bracketed by torch.cuda.synchronize. Memory: CUDA
@@ -53,6 +54,7 @@ from model.pipelines import presets
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_calibration import calibrate, peak_memory, reset_peak_memory
 from model.pipelines.options import TILED_DEFAULTS, PipelineOptions, tile_fields
+from model.pipelines.prompts import run_prompts
 from model.pipelines.random_weights import TINY_CONFIGS, random_pipeline, tiny_model_config
 
 log = logging.getLogger("benchmark")
@@ -143,7 +145,6 @@ class Probe:
         self.pipe, self.device = pipe, pipe.device
         self.peaks: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}
-        self.text_calls: list[list[str]] = []
         self._run: dict[str, Any] = {}
         self._run_peak = 0
         self._step_start: float | None = None
@@ -171,8 +172,6 @@ class Probe:
 
     def _timed(self, part: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         def timed(*args: Any, **kwargs: Any) -> Tensor:
-            if part == "text_encode_cached":  # replayed by `text_cold`
-                self.text_calls.append(list(args[0]))
             start = self.start()
             out = fn(*args, **kwargs)
             seconds = self.stop(part, start)
@@ -212,7 +211,7 @@ class Probe:
 
     def measure(self, lq: Tensor, options: PipelineOptions) -> dict[str, Any]:
         """One whole-image call; seconds per part and of the whole (WHOLE)."""
-        self._run, self._step_start, self.text_calls = {"step": []}, None, []
+        self._run, self._step_start = {"step": []}, None
         with self._attached():
             start = self.start()
             self._run_peak = 0
@@ -222,13 +221,28 @@ class Probe:
         self.shapes["output"] = list(result.images.shape)
         return self._run
 
-    def text_cold(self) -> float:
-        """Seconds of the last call's text encoding with an empty prompt cache."""
+    def text_cold(self, prompts: list[str]) -> float:
+        """Seconds of encoding `prompts` (one call each, as the pipeline does) uncached."""
         self.pipe.clear_prompt_cache()
         start = self.start()
-        for prompts in self.text_calls:
-            self.pipe.encode_prompt(prompts)
+        for prompt in prompts:
+            self.pipe.encode_prompt([prompt])
         return self.stop("text_encode_cold", start)
+
+
+def encode_and_release_prompts(
+    pipe: DiffBIRPipeline, options: PipelineOptions, repeat: int
+) -> dict[str, Any]:
+    """As inference.py before a folder run: encode the run's prompts, free the text encoder.
+    Returns the cold encoding's seconds (`repeat` times) and peak memory."""
+    probe, prompts = (
+        Probe(pipe),
+        run_prompts(options.pos_prompt, options.neg_prompt, options.cfg_scale),
+    )
+    seconds = [probe.text_cold(prompts) for _ in range(repeat)]
+    pipe.release_text_encoder(prompts)
+    log.info("prompts encoded (%.3f s), text encoder freed", statistics.median(seconds))
+    return {"seconds": summarize(seconds), "peak_memory_bytes": probe.peaks["text_encode_cold"]}
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -239,10 +253,11 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 def bench_size(
     pipe: DiffBIRPipeline, options: PipelineOptions, size: tuple[int, int], warmup: int,
-    repeat: int, seed: int = 0, save_images: Path | None = None,
+    repeat: int, text: dict[str, Any], seed: int = 0, save_images: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every part and the whole image at output size `size` (LQ of size / upscale, random
-    8-bit values). `save_images`: also write the LQ and the last output there as PNG."""
+    8-bit values); `text`: the cold text encoding (`encode_and_release_prompts`).
+    `save_images`: also write the LQ and the last output there as PNG."""
     lq_size = [max(1, round(s / options.upscale)) for s in size]
     lq = torch.randint(0, 256, (1, 3, *lq_size), generator=torch.Generator().manual_seed(seed))
     lq = lq.float() / 255
@@ -257,7 +272,6 @@ def bench_size(
         log.info("%s: call %d/%d, %.3f s", name, i + 1, repeat, runs[-1][WHOLE])
     seconds = {part: [r[part] for r in runs] for part in Probe.STAGES.values()}
     seconds["step"] = [s for r in runs for s in r["step"]]
-    seconds["text_encode_cold"] = [probe.text_cold() for _ in range(repeat)]
     if save_images is not None:
         save_images.mkdir(parents=True, exist_ok=True)
         for what, image in (("lq", lq), ("out", probe.output)):
@@ -275,9 +289,11 @@ def bench_size(
             "peak_memory_bytes": probe.peaks[WHOLE],
         },
         "parts": {
-            part: {"seconds": summarize(seconds[part]), "peak_memory_bytes": probe.peaks[part]}
+            part: text
+            if part == "text_encode_cold"
+            else {"seconds": summarize(seconds[part]), "peak_memory_bytes": probe.peaks[part]}
             for part in PARTS
-        },
+        },  # fmt: skip
         "runs": runs,
     }
 
@@ -383,12 +399,13 @@ def run_benchmark(
     pipe: DiffBIRPipeline, options: PipelineOptions, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Every size of `args`; a size that runs out of memory is reported and skipped."""
+    text = encode_and_release_prompts(pipe, options, args.repeat)
     results = []
     for size in args.sizes:
         log.info("measuring %dx%d (%d warm-up, %d timed calls)", *size, args.warmup, args.repeat)
         try:
-            results.append(bench_size(pipe, options, size, args.warmup, args.repeat, args.seed,
-                                      args.save_images))  # fmt: skip
+            results.append(bench_size(pipe, options, size, args.warmup, args.repeat, text,
+                                      args.seed, args.save_images))  # fmt: skip
         except torch.OutOfMemoryError:
             results.append({"size": list(size), "error": "out of memory; try --tiled"})
             log.error("%dx%d: out of memory; try --tiled or --precision fp16", *size)
@@ -426,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     build_seconds = time.perf_counter() - start
     build_peak = process_peak_memory() if device.type == "cpu" else peak_memory(device)
+    parameters = parameter_counts(pipe)  # before the text encoder is freed
     if args.calibrate_memory:
         report = {**environment(pipe.device), "precision": pipe.precision,
                   "memory_calibration": calibrate(pipe)}  # fmt: skip
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         **environment(pipe.device),
         "settings": settings,
-        "parameters": parameter_counts(pipe),
+        "parameters": parameters,
         "calib_mm_fp32_4096_seconds": matmul_seconds(device),
         "build_seconds": build_seconds,
         "build_peak_memory_bytes": build_peak,

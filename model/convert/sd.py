@@ -17,6 +17,7 @@ from torch import nn
 from model.convert.text_encoder import text_state_from_original, text_state_to_original
 from model.convert.unet import unet_state_from_original, unet_state_to_original
 from model.convert.vae import vae_state_from_original, vae_state_to_original
+from model.io.file_pages import release_file_pages
 from model.nets.cldm import ControlLDM
 from model.nets.lacontrolnet import diffbir_controlnet_cfg
 from model.nets.text_encoder import build_text_encoder
@@ -123,7 +124,9 @@ def build_loaded(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
     meta device takes the tensors of `state` as its parameters (no copy; memory-mapped when the
     file was), which needs every buffer to be in `state` (non-persistent ones keep their
     constructed values, e.g. the text encoder's causal mask: such modules are built normally).
-    Parameters are fp32 (as the module builds them) whatever the file stores.
+    Parameters are fp32 (as the module builds them) whatever the file stores. Where the
+    weights are copied, the file's pages they were read from leave the process (a text encoder
+    freed after its prompts are encoded then gives its memory back).
     """
     with torch.device("meta"):
         module = build()
@@ -132,11 +135,13 @@ def build_loaded(build: Callable[[], nn.Module], state: Mapping[str, torch.Tenso
     if volatile or state.keys() != expected:
         module = build()
         module.load_state_dict(state, strict=False)
+        release_file_pages(state.values())  # copied: the file's pages are not needed
     else:
         # the loaded tensors become the parameters: no second copy of the weights
         module.load_state_dict(state, assign=True)
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module.float()
+            release_file_pages(state.values())
     return module
 
 

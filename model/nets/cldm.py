@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+from model.io.file_pages import releasing_replaced
 from model.nets.lacontrolnet import LAControlNet
 
 Cond = dict[str, torch.Tensor]
@@ -153,8 +154,9 @@ def cast_cldm(cldm: ControlLDM, dtype: torch.dtype, vae_too: bool = True) -> Non
         if module is None:
             continue
         cast = vae_too or module is cldm.unet or module is cldm.controlnet
-        # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
-        nn.Module.to(module, dtype if cast else torch.float32)
-        for sub in module.modules():
-            if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
-                sub.float()
+        with releasing_replaced(module):  # the fp32 file pages of cast weights
+            # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
+            nn.Module.to(module, dtype if cast else torch.float32)
+            for sub in module.modules():
+                if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
+                    sub.float()

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
+from model.nets.lean_inference import make_lean
+
 StateDict = dict[str, torch.Tensor]
 
 LATENT_SCALE_FACTOR = 0.18215
@@ -66,7 +68,7 @@ def build_vae(
     if ddconfig["dropout"] != 0.0:
         raise ValueError(f"VAE ddconfig: dropout {ddconfig['dropout']} is not supported (only 0.0)")
     levels = len(ddconfig["ch_mult"])
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=ddconfig["in_channels"],
         out_channels=ddconfig["out_ch"],
         down_block_types=("DownEncoderBlock2D",) * levels,
@@ -80,3 +82,5 @@ def build_vae(
         scaling_factor=scaling_factor,
         mid_block_add_attention=True,
     )
+    make_lean(vae)  # same values, less memory at inference (model/nets/lean_inference.py)
+    return vae

@@ -81,3 +81,9 @@ def _expand(embeds: Tensor, batch: int) -> Tensor:
     if embeds.shape[0] not in (1, batch):
         raise ValueError(f"prompt embeddings for 1 or {batch} images, got {embeds.shape[0]}")
     return embeds.expand(batch, *embeds.shape[1:])
+
+
+def run_prompts(pos_prompt: str, neg_prompt: str, cfg_scale: float) -> list[str]:
+    """The prompts a run without per-image captions encodes: the positive one, and the
+    negative one only under classifier-free guidance."""
+    return [pos_prompt] + ([neg_prompt] if cfg_scale != 1 else [])

@@ -1,0 +1,53 @@
+"""Memory-mapped weights give their pages back once copied (model.io.file_pages)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model.io.file_pages import release_file_pages, releasing_replaced
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
+MIB = 2**20
+
+
+def rss_file() -> int:
+    """Resident file-backed bytes of this process."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssFile:\s+(\d+)", status).group(1)) * 1024
+
+
+def mapped(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    torch.save(tensors, tmp_path / "w.pt")
+    return torch.load(tmp_path / "w.pt", mmap=True, weights_only=True)
+
+
+def test_released_pages_leave_the_process_and_the_values_stay(tmp_path: Path) -> None:
+    state = mapped(tmp_path, {"a": torch.arange(16 * MIB, dtype=torch.float32)})
+    total = state["a"].sum().item()  # every page read once
+    before = rss_file()
+    assert release_file_pages(state.values()) >= 63 * MIB
+    assert before - rss_file() >= 60 * MIB
+    assert state["a"].sum().item() == total  # read back from the file
+    anonymous = torch.ones(4 * MIB)
+    assert release_file_pages([anonymous]) == 0 and anonymous.sum().item() == 4 * MIB
+
+
+def test_a_cast_releases_the_replaced_weights_only(tmp_path: Path) -> None:
+    state = mapped(tmp_path, {"weight": torch.randn(2048, 4096), "bias": torch.randn(2048)})
+    layer = nn.Linear(4096, 2048, device="meta")
+    layer.load_state_dict(state, assign=True)
+    expected = layer.weight.clone()
+    before = rss_file()
+    with releasing_replaced(layer):
+        layer.to(torch.bfloat16)
+    assert before - rss_file() >= 30 * MIB  # the fp32 pages read by the cast are gone
+    torch.testing.assert_close(layer.weight.float(), expected, rtol=1e-2, atol=1e-2)
+    with releasing_replaced(layer):  # nothing replaced: nothing released
+        pass
+    assert layer.weight.dtype == torch.bfloat16
