@@ -41,9 +41,11 @@ def summary_table(reports: list[dict[str, Any]], paths: list[Path]) -> str:
                 continue
             parts = r.get("parts", {})
             med = {p: f"{v['seconds']['median']:.2f}" for p, v in parts.items()}
+            diffir = settings.get("method") == "diffir"  # 4 IPR steps, no CFG
+            steps = "4 (IPR)" if diffir else str(settings["options"]["steps"])
+            cfg = "-" if diffir else f"{settings['options']['cfg_scale']:g}"
             cells = [path.name, report["device"]["name"], settings["precision"],
-                     "x".join(map(str, r["size"])), str(settings["options"]["steps"]),
-                     f"{settings['options']['cfg_scale']:g}",
+                     "x".join(map(str, r["size"])), steps, cfg,
                      f"{r[WHOLE]['seconds']['median']:.1f}", med.get("step", "-"),
                      med.get("vae_decode", "-"), f"{r[WHOLE]['peak_memory_bytes'] / 2**30:.2f}",
                      f"{report.get('calib_mm_fp32_4096_seconds', float('nan')):.2f}"]  # fmt: skip

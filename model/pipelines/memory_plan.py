@@ -48,7 +48,7 @@ class StageCost:
 COSTS: dict[str, StageCost] = {
     "stage1": StageCost(intercept=1.2e5, per_pixel=262.0),
     "vae_encoder": StageCost(intercept=1.4e5, per_pixel=643.0),
-    "vae_decoder": StageCost(intercept=5.4e5, per_pixel=961.0),
+    "vae_decoder": StageCost(intercept=1.7e7, per_pixel=702.0),
     "diffusion": StageCost(intercept=2.9e7, per_pixel=62.0),
 }
 # Smallest tiles worth running (image pixels); diffusion tiles below 256 lose global coherence.
