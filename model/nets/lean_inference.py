@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
 # Bytes of (upsampled) input per band; larger maps are convolved in bands.
@@ -27,6 +28,15 @@ def _bandable(conv: nn.Conv2d) -> bool:
         k[0] == k[1] and k[0] % 2 == 1 and conv.padding == (k[0] // 2,) * 2
         and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
         and conv.padding_mode == "zeros"
+    )  # fmt: skip
+
+
+def _nearest_then_conv(module: nn.Module) -> bool:
+    """A diffusers `Upsample2D` that is a nearest 2x upsampling and a bandable convolution."""
+    return (
+        isinstance(module, Upsample2D) and module.use_conv and module.interpolate
+        and module.norm is None and not module.use_conv_transpose and module.name == "conv"
+        and _bandable(module.conv)
     )  # fmt: skip
 
 
@@ -79,7 +89,7 @@ class BandedUpsampleConv(nn.Module):
         self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_bands(x, upsample=True) and _bandable(self.conv):
+        if _use_bands(x, upsample=True):
             return conv_in_bands(self.conv, x, upsample=True)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
@@ -95,13 +105,10 @@ def make_lean(module: nn.Module) -> None:
     """Swap, in place, every bandable `nn.Conv2d` of `module` for a `BandedConv2d`, every
     diffusers `Upsample2D` (nearest, with a convolution) for a `BandedUpsampleConv` and every
     `nn.SiLU` for a `LeanSiLU`; the state dict keys and values stay the same."""
-    from diffusers.models.upsampling import Upsample2D
-
     for parent in list(module.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, Upsample2D) and child.use_conv and child.interpolate:
-                if child.norm is None and not child.use_conv_transpose and child.name == "conv":
-                    setattr(parent, name, BandedUpsampleConv(child.conv))
+            if _nearest_then_conv(child):
+                setattr(parent, name, BandedUpsampleConv(child.conv))
             elif type(child) is nn.Conv2d and _bandable(child):
                 child.__class__ = BandedConv2d
             elif type(child) is nn.SiLU:
