@@ -11,7 +11,9 @@ excluded; timed regions are bracketed by torch.cuda.synchronize. Memory: CUDA
 max_memory_allocated per part (reset before each), else the process peak RSS (only grows).
 
 Weights: random full-size by default (built on the meta device, filled cheaply: speed does not
-depend on the values), `--tiny` configs/tiny/, `--weights-dir` a release via from_pretrained.
+depend on the values; held in anonymous memory), `--tiny` configs/tiny/, `--weights-dir` a
+release via from_pretrained, memory-mapped as inference.py loads it (full-size random files in
+the released layouts: `scripts/make_tiny_weights.py --full-size`).
 `--method diffir` times `DiffIRPipeline` whole-image calls instead (no parts; DiffIR x4 with the
 released architecture, `--diffir-tile-size` tiles its DIRformer).
 
@@ -66,13 +68,16 @@ def build_pipeline(args: argparse.Namespace, device: torch.device) -> DiffBIRPip
     size = "tiny" if args.tiny else "full-size"
     if args.weights_dir is not None:
         log.info("loading %s %s/%s from %s", size, args.version, args.task, args.weights_dir)
-        return DiffBIRPipeline.from_pretrained(
+        pipe = DiffBIRPipeline.from_pretrained(
             args.version, args.task, weights_dir=args.weights_dir, device=device,
             dtype=args.precision, model_config=config, offline=True,
         )  # fmt: skip
-    log.info("building %s random %s/%s models on %s", size, args.version, args.task, device)
-    spec = presets.model_spec(args.version, args.task, config)
-    return random_pipeline(spec, device, args.precision, args.seed)
+    else:
+        log.info("building %s random %s/%s models on %s", size, args.version, args.task, device)
+        spec = presets.model_spec(args.version, args.task, config)
+        pipe = random_pipeline(spec, device, args.precision, args.seed)
+    pipe.page_idle_weights = not args.keep_weights_resident
+    return pipe
 
 
 def diffir_pipeline(args: argparse.Namespace, device: torch.device) -> DiffIRPipeline:
@@ -365,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16", help="network precision (fp16 on a CPU runs fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--keep-weights-resident", action="store_true", help="as inference.py: idle networks keep their memory-mapped weights (--weights-dir) resident")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and LQ images")
     p.add_argument("--out", type=Path, help="JSON file to write (required unless --table)")
     p.add_argument("--table", type=Path, nargs="+", help="print one markdown table of these benchmark JSONs and exit")

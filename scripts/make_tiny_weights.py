@@ -9,6 +9,8 @@ and `configs/tiny/swinir.yaml`, recorded in OUT as well:
     OUT/swinir.yaml        the swinir part alone (for `--swinir-config`)
 
     python -m scripts.make_tiny_weights --out weights/tiny
+    python -m scripts.make_tiny_weights --full-size --only sd21_zsnr,v2.1,swinir_realesrgan \
+        --out /tmp/full_weights   # v2.1's files at the released sizes (6.8 GB): benchmarks
     python -m scripts.convert_official controlnet weights/tiny/v2.pth v2.safetensors \\
         --config weights/tiny/cldm.yaml
 
@@ -34,11 +36,11 @@ from torch import nn
 
 from model.convert.cldm import original_params
 from model.convert.controlnet import controlnet_state_to_original
-from model.convert.sd import build_sd_modules, sd_states_to_original
+from model.convert.sd import build_sd_modules, sd21_cldm_cfg, sd_states_to_original
 from model.io.logs import setup_logging
 from model.io.weights import REGISTRY
 from model.nets.lacontrolnet import build_lacontrolnet
-from model.nets.swinir import SwinIR
+from model.nets.swinir import SwinIR, swinir_diffbir_config
 from model.nets.unet import StateDict
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ DIFFUSERS_DIR = "sd21_base_diffusers"
 SD_NAMES = ("sd21_base", "sd21_zsnr")
 CONTROLNET_NAMES = ("v1_general", "v1_face", "v2", "v2.1")
 SWINIR_NAMES = ("swinir_general", "swinir_face", "swinir_realesrgan")
+ALL_NAMES = ",".join((*SD_NAMES, *CONTROLNET_NAMES, *SWINIR_NAMES))
 # Saved as {"state_dict": {"module." + key: ...}} (a DataParallel Lightning save), the others
 # as a plain state dict; `model.io.checkpoint.load_weight_file` unwraps both.
 WRAPPED_SWINIR = ("swinir_general", "swinir_face")
@@ -167,8 +170,9 @@ def write_tiny_weights(
     cldm_cfg: Mapping[str, Any] | None = None,
     swinir_cfg: Mapping[str, Any] | None = None,
     diffusers: bool = False,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write every tiny weight file and the configs into `out`.
+    """Write every tiny weight file (or those named in `only`) and the configs into `out`.
 
     Args:
         out: folder to write (created; existing files of the same names are replaced).
@@ -177,6 +181,7 @@ def write_tiny_weights(
         swinir_cfg: SwinIR constructor arguments (default configs/tiny/swinir.yaml).
         diffusers: also write the `sd21_base` UNet and VAE as diffusers folders
             (`sd21_base_diffusers/unet`, `.../vae`; no text encoder).
+        only: registry names of the files to write (default: all of them).
 
     Returns:
         Paths by registry name (e.g. "v2.1"), plus "tiny_config", "cldm_config",
@@ -187,7 +192,14 @@ def write_tiny_weights(
     cldm_cfg = original_params(cldm_cfg if cldm_cfg is not None else tiny_cldm_config())
     swinir_cfg = dict(swinir_cfg if swinir_cfg is not None else tiny_swinir_config())
     paths = write_configs(out, cldm_cfg, swinir_cfg)
-    for name in SD_NAMES:
+    unknown = sorted(set(only or ()) - set(ALL_NAMES.split(",")))
+    if unknown:
+        raise ValueError(f"unknown weight names {unknown}; known: {ALL_NAMES}")
+
+    def wanted(names: Sequence[str]) -> list[str]:
+        return [name for name in names if only is None or name in only]
+
+    for name in wanted(SD_NAMES):
         paths[name] = out / REGISTRY[name].filename
         modules = tiny_sd_modules(cldm_cfg, seed, name)
         _save({"state_dict": tiny_sd_state(modules)}, paths[name], "SD, latent-diffusion layout")
@@ -196,11 +208,11 @@ def write_tiny_weights(
             for part in ("unet", "vae"):
                 modules[part].save_pretrained(paths["diffusers"] / part)
                 logger.info("wrote %s (diffusers %s)", paths["diffusers"] / part, part)
-    for name in CONTROLNET_NAMES:
+    for name in wanted(CONTROLNET_NAMES):
         paths[name] = out / REGISTRY[name].filename
         state = tiny_controlnet_state(cldm_cfg, seed, name)
         _save(state, paths[name], "LAControlNet, original ControlNet layout")
-    for name in SWINIR_NAMES:
+    for name in wanted(SWINIR_NAMES):
         paths[name] = out / REGISTRY[name].filename
         state = tiny_swinir_state(swinir_cfg, seed, name)
         if name in WRAPPED_SWINIR:
@@ -237,12 +249,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"YAML of SwinIR constructor arguments; default {TINY_CONFIGS / SWINIR_CONFIG_FILE}",
     )
     parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="the released architectures (SD 2.1 ControlLDM, DiffBIR's SwinIR) instead of the "
+        "tiny ones: GB-sized files, for benchmarks (use --only)",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        help=f"comma-separated registry names of the files to write (default all: {ALL_NAMES})",
+    )
+    parser.add_argument(
         "--diffusers",
         action="store_true",
         help=f"also write the SD UNet and VAE as diffusers folders under OUT/{DIFFUSERS_DIR}/ "
         "(save_pretrained; no text encoder)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(ALL_NAMES.split(",")))
+    if unknown:
+        parser.error(f"--only: unknown weight names {unknown}; known: {ALL_NAMES}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,7 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cldm_cfg = None if args.cldm_config is None else read_yaml(args.cldm_config)
         swinir_cfg = None if args.swinir_config is None else read_yaml(args.swinir_config)
-        paths = write_tiny_weights(args.out, args.seed, cldm_cfg, swinir_cfg, args.diffusers)
+        if args.full_size:
+            cldm_cfg, swinir_cfg = sd21_cldm_cfg(), swinir_diffbir_config()
+        paths = write_tiny_weights(
+            args.out, args.seed, cldm_cfg, swinir_cfg, args.diffusers, args.only
+        )
     except OSError as exc:  # its message names the file
         print(f"error: {exc}")
         return 1

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.io.file_pages import release_file_pages, releasing_replaced
+from model.io.file_pages import pageable_bytes, release_file_pages, releasing_replaced
+from model.pipelines.diffbir import DiffBIRPipeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
 MIB = 2**20
@@ -38,6 +39,18 @@ def test_released_pages_leave_the_process_and_the_values_stay(tmp_path: Path) ->
     assert release_file_pages([anonymous]) == 0 and anonymous.sum().item() == 4 * MIB
 
 
+def test_pages_written_in_place_are_kept(tmp_path: Path) -> None:
+    state = mapped(tmp_path, {"a": torch.zeros(4 * MIB)})  # 16 MiB
+    written = state["a"][: MIB // 2]  # the first 2 MiB: a private copy of their pages
+    written += 1
+    state["a"][MIB // 2 :].sum()  # the rest read from the file
+    resident, total = pageable_bytes(state.values())
+    assert 13 * MIB <= resident <= total <= 14 * MIB  # written pages are not pageable
+    assert release_file_pages(state.values()) >= 13 * MIB
+    assert pageable_bytes(state.values()) == (0, total)
+    assert state["a"].sum().item() == MIB // 2  # the written values survived the release
+
+
 def test_a_cast_releases_the_replaced_weights_only(tmp_path: Path) -> None:
     state = mapped(tmp_path, {"weight": torch.randn(2048, 4096), "bias": torch.randn(2048)})
     layer = nn.Linear(4096, 2048, device="meta")
@@ -51,3 +64,20 @@ def test_a_cast_releases_the_replaced_weights_only(tmp_path: Path) -> None:
     with releasing_replaced(layer):  # nothing replaced: nothing released
         pass
     assert layer.weight.dtype == torch.bfloat16
+
+
+def test_idle_networks_hand_their_weight_pages_back(tiny_pipe: DiffBIRPipeline) -> None:
+    pipe = DiffBIRPipeline(tiny_pipe.stage1, tiny_pipe.cldm, tiny_pipe.diffusion, "cpu")
+    networks = (pipe.stage1, pipe.cldm.unet, pipe.cldm.controlnet, pipe.cldm.vae)
+    lq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    call = dict(upscale=2, min_short_side=64, steps=2)
+
+    def pages() -> list[tuple[int, int]]:  # (resident, all) per network
+        return [pageable_bytes(list(m.state_dict().values())) for m in networks]
+
+    paged = pipe(lq, **call).images
+    assert all(total > 0 and resident == 0 for resident, total in pages())
+    pipe.page_idle_weights = False
+    kept = pipe(lq, **call).images
+    assert all(resident == total for resident, total in pages())
+    torch.testing.assert_close(paged, kept, rtol=0, atol=0)

@@ -181,3 +181,12 @@ def test_cli_reports_bad_configs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert make_tiny_weights.main(["--out", str(tmp_path), "--cldm-config", str(broken)]) == 1
     message = capsys.readouterr().out
     assert message.startswith(f"error: {broken}:") and "vae_cfg" in message
+
+
+def test_only_writes_the_named_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert make_tiny_weights.main(["--out", str(tmp_path), "--only", "v2.1"]) == 0
+    weights = {p.name for p in tmp_path.iterdir() if p.suffix not in (".yaml",)}
+    assert weights == {REGISTRY["v2.1"].filename}
+    with pytest.raises(SystemExit) as exit_info:
+        make_tiny_weights.main(["--out", str(tmp_path), "--only", "v2.1,v3"])
+    assert exit_info.value.code == 2 and "unknown weight names ['v3']" in capsys.readouterr().err

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
+from model.io.file_pages import release_file_pages
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_plan import (
     COSTS,
@@ -14,17 +19,23 @@ from model.pipelines.memory_plan import (
     chosen_tiles,
     plan_tiles,
     resident_bytes,
+    stage_residents,
 )
 from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
 
 # 1 KiB per pixel per element byte for every stage, nothing fixed: easy to reason about
 FLAT = {stage: StageCost(0.0, 1024.0) for stage in COSTS}
+MIB = 2**20
+
+
+def _everywhere(gb: float) -> dict[str, int]:
+    return {stage: int(gb * GIB) for stage in COSTS}
 
 
 def _plan(budget_gb: float, side: int = 2048, resident: float = 1.0, **options) -> dict:
     options.setdefault("cfg_scale", 1.0)  # no batched CFG branch unless asked
     planned = plan_tiles(PipelineOptions(**options), (side, side), budget_gb,
-                         int(resident * GIB), 4, costs=FLAT)  # fmt: skip
+                         _everywhere(resident), 4, costs=FLAT)  # fmt: skip
     return chosen_tiles(planned)
 
 
@@ -40,7 +51,7 @@ def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
         used = 1 + 4 * 1024 * roomy[stage] ** 2 / GIB
         grown = 1 + 4 * 1024 * (roomy[stage] + TILE_MULTIPLES[stage]) ** 2 / GIB
         assert used <= 10 < grown
-    planned = plan_tiles(PipelineOptions(), (2048, 2048), 2, GIB, 4, costs=FLAT)
+    planned = plan_tiles(PipelineOptions(), (2048, 2048), 2, _everywhere(1), 4, costs=FLAT)
     assert planned.diffusion_tile_stride == planned.diffusion_tile_size // 2
 
 
@@ -65,3 +76,28 @@ def test_pipeline_records_the_tiles_it_chose(tiny_pipe: DiffBIRPipeline) -> None
     assert tiny_pipe(lq, **call).tiles is None
     with pytest.raises(MemoryBudgetError):
         tiny_pipe(lq, max_memory_gb=0.01, **call)
+
+
+def _mapped_linear(tmp_path: Path, name: str, mib: int) -> nn.Linear:
+    layer = nn.Linear(1024, mib * 256, bias=False, device="meta")
+    torch.save({"weight": torch.randn(mib * 256, 1024)}, tmp_path / name)
+    state = torch.load(tmp_path / name, mmap=True, weights_only=True)
+    layer.load_state_dict(state, assign=True)
+    return layer
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page maps")
+def test_paged_weights_count_in_the_stages_that_run_them(tmp_path: Path) -> None:
+    big, small = _mapped_linear(tmp_path, "big.pt", 32), _mapped_linear(tmp_path, "small.pt", 8)
+    networks = {"stage1": [big], "vae_encoder": [small], "vae_decoder": [small], "diffusion": []}
+    cpu = torch.device("cpu")
+    release_file_pages([big.weight, small.weight])
+    paged = stage_residents(networks, cpu, idle_out=True)
+    big.weight.sum(), small.weight.sum()  # every page resident now: the prediction holds
+    again = stage_residents(networks, cpu, idle_out=True)
+    kept = stage_residents(networks, cpu, idle_out=False)
+    for stage in COSTS:
+        assert abs(again[stage] - paged[stage]) < 4 * MIB
+    assert abs(paged["stage1"] - paged["diffusion"] - 32 * MIB) < 2 * MIB
+    assert abs(paged["vae_decoder"] - paged["diffusion"] - 8 * MIB) < 2 * MIB
+    assert abs(kept["diffusion"] - paged["diffusion"] - 40 * MIB) < 2 * MIB

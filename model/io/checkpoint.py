@@ -113,9 +113,13 @@ def check_state_keys(
 def load_state_strict(
     module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, what: str
 ) -> None:
-    """`module.load_state_dict(state, strict=True)` with a one-line error naming `source`."""
-    check_state_keys(state, module.state_dict(), source, what)
-    module.load_state_dict(state, strict=True)
+    """`module.load_state_dict(state, strict=True)` with a one-line error naming `source`.
+    Tensors of the module's dtype are taken over, not copied (`assign`): weights read with mmap
+    stay in the file's pages, which the pipeline hands back when the network is idle."""
+    own = module.state_dict()
+    check_state_keys(state, own, source, what)
+    assign = all(state[key].dtype == value.dtype for key, value in own.items())
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def save_safetensors(

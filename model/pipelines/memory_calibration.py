@@ -91,10 +91,14 @@ def calibrate(pipe: DiffBIRPipeline, sizes: Sequence[int] = (256, 512)) -> dict[
         _return_freed_memory()
     element = torch.finfo(pipe.dtype).bits // 8
     measured: dict[str, list[int]] = {}
-    for px in sizes:
-        for stage, run in _stage_runs(pipe, px).items():
-            run()  # warm-up: lazy allocations and kernels
-            measured.setdefault(stage, []).append(activation_bytes(pipe, run))
+    paging, pipe.page_idle_weights = pipe.page_idle_weights, False  # weights stay resident
+    try:
+        for px in sizes:
+            for stage, run in _stage_runs(pipe, px).items():
+                run()  # warm-up: lazy allocations and kernels, the weights' pages read
+                measured.setdefault(stage, []).append(activation_bytes(pipe, run))
+    finally:
+        pipe.page_idle_weights = paging
     pixels = [px * px for px in sizes]
     report = {}
     for stage, values in measured.items():

@@ -1,7 +1,10 @@
 """`--max-memory GB`: tile sizes chosen so that the peak stays under a budget, for any input size.
 
-Each stage's peak is modelled as what is resident when it starts (the weights; measured live:
-process RSS on a CPU, torch's allocated bytes on CUDA) plus its activations, linear in the
+Each stage's peak is modelled as what is resident while it runs plus its activations. What is
+resident is measured live (process RSS on a CPU, torch's allocated bytes on CUDA), less the
+weights that come and go, plus those the stage runs (`stage_residents`): memory-mapped weights
+fault in on first use and are paged out when idle, offloaded networks move to the GPU only
+while they run. The activations are linear in the
 pixels of one tile: `intercept + per_pixel * pixels` (scaled by the batch, and doubled for the
 batched CFG branches of the diffusion network). The coefficients were measured with full-size
 random weights by `python -m scripts.calibrate_memory` (results/bench/memory_*.json); per pixel
@@ -15,12 +18,15 @@ smallest tile of some stage is refused with the numbers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from model.io.file_pages import pageable_bytes
 from model.ops.sizing import short_side_size
 from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
 
@@ -73,12 +79,37 @@ def resident_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def check_budget(budget_gb: float, device: torch.device) -> None:
-    """Refuse a budget that the loaded weights alone exceed (before any image is run)."""
-    resident = resident_bytes(device)
+def network_bytes(module: nn.Module, device: torch.device) -> tuple[int, int]:
+    """(resident now, resident while it runs) of the weights of `module` that come and go: its
+    file pages on a CPU, its bytes on an accelerator (where it may be offloaded)."""
+    tensors = list(itertools.chain(module.parameters(), module.buffers()))
+    if device.type == "cpu":
+        return pageable_bytes(tensors)
+    sizes = [(t.numel() * t.element_size(), t.device.type == device.type) for t in tensors]
+    return sum(size for size, there in sizes if there), sum(size for size, _ in sizes)
+
+
+def stage_residents(
+    networks: Mapping[str, Sequence[nn.Module]], device: torch.device, idle_out: bool
+) -> dict[str, int]:
+    """{stage: bytes resident while it runs}: what is resident now, less the weights of
+    `networks` ({stage: the networks it runs}) that come and go, plus those of the stage's own
+    networks (of all of them unless idle networks are out: `idle_out`)."""
+    every = {id(m): m for modules in networks.values() for m in modules}
+    sizes = {key: network_bytes(module, device) for key, module in every.items()}
+    base = resident_bytes(device) - sum(now for now, _ in sizes.values())
+    return {
+        stage: base + sum(sizes[id(m)][1] for m in (modules if idle_out else every.values()))
+        for stage, modules in networks.items()
+    }
+
+
+def check_budget(budget_gb: float, residents: Mapping[str, int]) -> None:
+    """Refuse a budget that the weights alone exceed (before any image is run)."""
+    resident = max(residents.values())
     if budget_gb <= 0 or resident >= budget_gb * GIB:
         raise MemoryBudgetError(
-            f"--max-memory {budget_gb:g} GB is below what is resident after loading "
+            f"--max-memory {budget_gb:g} GB is below what is resident while the networks run "
             f"({resident / GIB:.1f} GB); raise it or use a lower --precision"
         )
 
@@ -112,20 +143,23 @@ def plan_tiles(
     options: PipelineOptions,
     processing_hw: tuple[int, int],
     budget_gb: float,
-    resident: int,
+    residents: Mapping[str, float],
     element_bytes: int,
     batch: int = 1,
     costs: Mapping[str, StageCost] = COSTS,
 ) -> PipelineOptions:
     """`options` with tile sizes (stride: half a tile) such that each stage's predicted peak
-    stays under `budget_gb`, for an input processed at `processing_hw`."""
+    stays under `budget_gb`, for an input processed at `processing_hw` (`residents`: the bytes
+    resident while each stage runs)."""
     budget = budget_gb * GIB
     side = max(processing_hw)
     cfg = 2 if options.cfg_scale != 1 and options.cfg_batched else 1
     batches = {"stage1": batch, "vae_encoder": batch, "vae_decoder": batch,
                "diffusion": batch * cfg * options.diffusion_tile_batch_size}  # fmt: skip
     chosen = {
-        stage: _largest_tile(stage, side, budget, resident, element_bytes, batches[stage], costs)
+        stage: _largest_tile(
+            stage, side, budget, residents[stage], element_bytes, batches[stage], costs
+        )
         for stage in COSTS
     }
     fields = {}
@@ -133,8 +167,8 @@ def plan_tiles(
         fields[f"{stage}_tile_size"] = tile
         fields[f"{stage}_tile_stride"] = None if tile is None else tile // 2
     logger.info(
-        "--max-memory %.1f GB at %dx%d: tiles %s (%.1f GB resident)", budget_gb,
-        *processing_hw, {s: t for s, t in chosen.items()}, resident / GIB,
+        "--max-memory %.1f GB at %dx%d: tiles %s (resident GB %s)", budget_gb, *processing_hw,
+        chosen, {s: round(r / GIB, 1) for s, r in residents.items()},
     )  # fmt: skip
     return dataclasses.replace(options, **fields)
 
@@ -143,17 +177,16 @@ def plan_for_budget(
     options: PipelineOptions,
     out_size: tuple[int, int],
     batch: int,
-    device: torch.device,
+    residents: Mapping[str, int],
     dtype: torch.dtype,
 ) -> PipelineOptions:
     """`plan_tiles` for one pipeline call at output size `out_size` (processing size: short
-    side at least `options.min_short_side`), with what is resident on `device` now."""
+    side at least `options.min_short_side`)."""
     h, w = out_size
     side = options.min_short_side
     processing = (h, w) if min(h, w) >= side else short_side_size(h, w, side)
     element = torch.finfo(dtype).bits // 8
-    return plan_tiles(options, processing, options.max_memory_gb, resident_bytes(device),
-                      element, batch)  # fmt: skip
+    return plan_tiles(options, processing, options.max_memory_gb, residents, element, batch)
 
 
 def chosen_tiles(options: PipelineOptions) -> dict[str, int | None]:
