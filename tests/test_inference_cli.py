@@ -18,7 +18,7 @@ import torch
 
 import inference
 from model.nets.cldm import ControlLDM
-from model.pipelines import loading
+from model.pipelines import diffbir, loading
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.faces import FFHQ_TEMPLATE_512
 
@@ -139,6 +139,23 @@ def test_max_memory_records_its_tiles_and_refuses_a_budget_below_the_weights(
     assert sidecar["tiles"] == {"stage1": None, "vae_encoder": None, "vae_decoder": None,
                                 "diffusion": None}  # fmt: skip
     assert sidecar["precision"] == "bf16" and sidecar["arguments"]["vae_precision"] == "fp32"
+
+
+def test_keep_weights_resident_changes_memory_not_pixels(
+    weights: Path, tmp_path: Path, monkeypatch
+) -> None:
+    _write_inputs(tmp_path / "in")
+    src, released = tmp_path / "in" / "rgb.png", []
+    release = diffbir.release_file_pages
+    monkeypatch.setattr(diffbir, "release_file_pages", lambda t: released.append(release(t)))
+    assert inference.main(_base(weights, src, tmp_path / "paged") + ["--upscale", "2"]) == 0
+    assert len(released) >= 4 and sum(released) > 0  # stage 1, VAE x2, diffusion
+    released.clear()
+    kept = _base(weights, src, tmp_path / "kept") + ["--upscale", "2", "--keep-weights-resident"]
+    assert inference.main(kept) == 0 and not released
+    assert (tmp_path / "paged" / "rgb.png").read_bytes() == (
+        tmp_path / "kept" / "rgb.png"
+    ).read_bytes()
 
 
 def test_stage1_only_needs_only_the_stage1_weights(weights: Path, tmp_path: Path, capsys) -> None:
