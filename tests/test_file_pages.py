@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from model.io.file_pages import pageable_bytes, release_file_pages, releasing_replaced
+from model.nets.cldm import cast_piecewise
 from model.pipelines.diffbir import DiffBIRPipeline
+from model.pipelines.memory_calibration import peak_memory, reset_peak_memory
+from model.pipelines.memory_plan import resident_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
 MIB = 2**20
@@ -81,3 +84,16 @@ def test_idle_networks_hand_their_weight_pages_back(tiny_pipe: DiffBIRPipeline) 
     kept = pipe(lq, **call).images
     assert all(resident == total for resident, total in pages())
     torch.testing.assert_close(paged, kept, rtol=0, atol=0)
+
+
+def test_a_network_cast_never_holds_both_copies(tmp_path: Path) -> None:
+    state = mapped(tmp_path, {f"{i}.weight": torch.randn(1024, 2048) for i in range(8)})
+    net = nn.Sequential(*[nn.Linear(2048, 1024, bias=False, device="meta") for _ in range(8)])
+    net.load_state_dict(state, assign=True)  # 8 x 8 MiB of file pages
+    expected = [layer.weight.to(torch.bfloat16) for layer in net]  # every page read
+    cpu = torch.device("cpu")
+    base = resident_bytes(cpu)
+    reset_peak_memory(cpu)
+    cast_piecewise(net, torch.bfloat16)
+    assert peak_memory(cpu) - base < 12 * MIB  # a whole-network cast: +32 MiB
+    assert all(torch.equal(layer.weight, e) for layer, e in zip(net, expected, strict=True))

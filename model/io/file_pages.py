@@ -104,10 +104,16 @@ def pageable_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def releasing_replaced(module: nn.Module) -> Iterator[None]:
-    """Release the file pages of the weights of `module` that the block replaces by copies
-    (a cast, a memory-format change); weights the block keeps stay resident."""
-    before = list(module.state_dict().values())
+def releasing_replaced(module: nn.Module, recurse: bool = True) -> Iterator[None]:
+    """Release the file pages of the weights of `module` (its own only, without `recurse`)
+    that the block replaces by copies (a cast, a memory-format change); weights the block
+    keeps stay resident."""
+
+    def tensors() -> list[torch.Tensor]:  # detached: a cast swaps a parameter's .data
+        own = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+        return [t.detach() for t in own]
+
+    before = tensors()
     yield
-    kept = {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+    kept = {t.untyped_storage().data_ptr() for t in tensors()}
     release_file_pages(t for t in before if t.untyped_storage().data_ptr() not in kept)

@@ -8,11 +8,11 @@ nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torch import nn
+from torch import Tensor, nn
 
 from model.io.file_pages import releasing_replaced
 from model.nets.lacontrolnet import LAControlNet
@@ -154,9 +154,21 @@ def cast_cldm(cldm: ControlLDM, dtype: torch.dtype, vae_too: bool = True) -> Non
         if module is None:
             continue
         cast = vae_too or module is cldm.unet or module is cldm.controlnet
-        with releasing_replaced(module):  # the fp32 file pages of cast weights
-            # nn.Module.to: diffusers' own `to` warns about casting outside from_pretrained
-            nn.Module.to(module, dtype if cast else torch.float32)
-            for sub in module.modules():
-                if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
-                    sub.float()
+        cast_piecewise(module, dtype if cast else torch.float32)
+
+
+def cast_piecewise(module: nn.Module, dtype: torch.dtype) -> None:
+    """`module` in `dtype`, norms back in fp32 (as `nn.Module.to(dtype)` then `.float()` on
+    the norms), one submodule's own tensors at a time: the file pages of each memory-mapped
+    fp32 source go back right after its cast, so the fp32 weights and their cast copies are
+    never resident together. (`_apply`, as `nn.Module.to`: diffusers' own `to` warns about
+    casting outside from_pretrained.)"""
+
+    def to(target: torch.dtype) -> Callable[[Tensor], Tensor]:
+        return lambda t: t.to(target) if t.is_floating_point() else t
+
+    for sub in module.modules():
+        with releasing_replaced(sub, recurse=False):
+            sub._apply(to(dtype), recurse=False)
+            if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
+                sub._apply(to(torch.float32), recurse=False)
