@@ -272,4 +272,4 @@ def test_table_has_one_row_per_report_and_size(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["--table", str(tmp_path / "bench.json")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "bench.json" in line]
-    assert [row.split(" | ")[3] for row in rows] == ["128x128", "64x128"]
+    assert [row.split(" | ")[3:5] for row in rows] == [["random", "128x128"], ["random", "64x128"]]

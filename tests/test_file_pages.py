@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from model.io.file_pages import pageable_bytes, release_file_pages, releasing_replaced
+from model.io.file_pages import (
+    pageable_bytes,
+    release_file_pages,
+    releasing_replaced,
+    trim_heap,
+)
 from model.nets.cldm import cast_piecewise
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_calibration import peak_memory, reset_peak_memory
@@ -97,3 +102,13 @@ def test_a_network_cast_never_holds_both_copies(tmp_path: Path) -> None:
     cast_piecewise(net, torch.bfloat16)
     assert peak_memory(cpu) - base < 12 * MIB  # a whole-network cast: +32 MiB
     assert all(torch.equal(layer.weight, e) for layer, e in zip(net, expected, strict=True))
+
+
+def test_trim_heap_returns_freed_heap_memory() -> None:
+    blocks = [torch.ones(16 * 1024) for _ in range(512)]  # 64 KiB each: from the heap
+    pin = torch.ones(16 * 1024)  # above them: the freed blocks are not the heap's top
+    del blocks
+    before = resident_bytes(torch.device("cpu"))
+    trim_heap()
+    assert before - resident_bytes(torch.device("cpu")) >= 24 * MIB
+    assert pin.sum().item() == 16 * 1024

@@ -31,8 +31,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def summary_table(reports: list[dict[str, Any]], paths: list[Path]) -> str:
     """One row per benchmark JSON and size: settings, median seconds, peak memory."""
-    head = ["file", "device", "precision", "size", "steps", "CFG", "whole s", "step s",
-            "VAE dec s", "peak GiB", "4096² matmul s"]  # fmt: skip
+    head = ["file", "device", "precision", "weights", "size", "steps", "CFG", "whole s",
+            "step s", "VAE dec s", "peak GiB", "4096² matmul s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for report, path in zip(reports, paths, strict=True):
         settings = report["settings"]
@@ -45,9 +45,14 @@ def summary_table(reports: list[dict[str, Any]], paths: list[Path]) -> str:
             steps = "4 (IPR)" if diffir else str(settings["options"]["steps"])
             cfg = "-" if diffir else f"{settings['options']['cfg_scale']:g}"
             cells = [path.name, report["device"]["name"], settings["precision"],
-                     "x".join(map(str, r["size"])), steps, cfg,
+                     _weights(settings), "x".join(map(str, r["size"])), steps, cfg,
                      f"{r[WHOLE]['seconds']['median']:.1f}", med.get("step", "-"),
                      med.get("vae_decode", "-"), f"{r[WHOLE]['peak_memory_bytes'] / 2**30:.2f}",
                      f"{report.get('calib_mm_fp32_4096_seconds', float('nan')):.2f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _weights(settings: dict[str, Any]) -> str:
+    """ "random" (built in memory) or "files" (loaded from --weights-dir, memory-mapped)."""
+    return "random" if isinstance(settings.get("weights"), str) else "files"

@@ -1,4 +1,4 @@
-"""Hand the pages of memory-mapped weights back to the OS once their values were copied.
+"""Hand the pages of memory-mapped weights (and freed heap memory) back to the OS.
 
 `torch.load(..., mmap=True)` maps a whole checkpoint; every tensor read through that mapping
 stays resident in the process (and counts in its RSS) while any tensor of the file lives. A
@@ -12,6 +12,10 @@ Only pages that still hold the file's bytes are dropped: whole pages inside priv
 mappings that `/proc/self/pagemap` shows as file pages (or not faulted in). A page written in
 place (the private copy a write makes) stays, so no value is ever lost. Linux only; elsewhere
 (and for anonymous memory) it is a no-op.
+
+Freed tensors are not always handed back either: glibc serves allocations below its (growing)
+mmap threshold from the heap and keeps them there when freed. `trim_heap` returns those pages
+(`malloc_trim`), e.g. the 0.6 GiB of a freed bf16 text encoder.
 """
 
 from __future__ import annotations
@@ -117,3 +121,11 @@ def releasing_replaced(module: nn.Module, recurse: bool = True) -> Iterator[None
     yield
     kept = {t.untyped_storage().data_ptr() for t in tensors()}
     release_file_pages(t for t in before if t.untyped_storage().data_ptr() not in kept)
+
+
+def trim_heap() -> None:
+    """Return the free pages of the C heap to the OS (glibc's `malloc_trim`; elsewhere a
+    no-op). Takes milliseconds."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

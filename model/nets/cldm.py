@@ -150,7 +150,8 @@ def cast_cldm(cldm: ControlLDM, dtype: torch.dtype, vae_too: bool = True) -> Non
     cast_dtype; calls then run under autocast): UNet and LAControlNet, and with `vae_too` the
     VAE and text encoder (else fp32). Weights are cast, not only autocast: one copy in the run
     precision instead of an fp32 copy re-cast at every call. Casting down is lossy."""
-    for module in cldm.unet, cldm.controlnet, cldm.vae, cldm.text_encoder:
+    # the text encoder first: its fp32 weights are an anonymous copy, freed as it is cast
+    for module in cldm.text_encoder, cldm.vae, cldm.controlnet, cldm.unet:
         if module is None:
             continue
         cast = vae_too or module is cldm.unet or module is cldm.controlnet

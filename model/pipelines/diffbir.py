@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from model.diffusion.callbacks import StepCallback
 from model.diffusion.noise import randn_rows
 from model.diffusion.samplers import make_sampler
 from model.diffusion.schedule import Diffusion
-from model.io.file_pages import release_file_pages
+from model.io.file_pages import release_file_pages, trim_heap
 from model.nets.cldm import ControlLDM, cast_cldm
 from model.nets.stage1 import Stage1Model
 from model.ops.color_fix import color_fix
@@ -400,6 +401,8 @@ class DiffBIRPipeline:
         for prompt in keep:  # one at a time, as calls encode them: the same numbers
             self.encode_prompt([prompt])
         self.cldm.text_encoder = None
+        gc.collect()
+        trim_heap()  # a cast text encoder's weights lie in the heap
 
     def _vae_text_autocast(self) -> contextlib.AbstractContextManager:
         return self._autocast() if self.vae_precision == "auto" else contextlib.nullcontext()
