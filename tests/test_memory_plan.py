@@ -51,8 +51,11 @@ def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
         used = 1 + 4 * 1024 * roomy[stage] ** 2 / GIB
         grown = 1 + 4 * 1024 * (roomy[stage] + TILE_MULTIPLES[stage]) ** 2 / GIB
         assert used <= 10 < grown
-    planned = plan_tiles(PipelineOptions(), (2048, 2048), 2, _everywhere(1), 4, costs=FLAT)
-    assert planned.diffusion_tile_stride == planned.diffusion_tile_size // 2
+    for budget in (1.9, 2.0, 2.3, 3.1, 4.7, 6.0):  # strides: half a tile, on the stage grid
+        planned = plan_tiles(PipelineOptions(), (2048, 2048), budget, _everywhere(1), 4, costs=FLAT)
+        for stage, multiple in TILE_MULTIPLES.items():
+            tile, stride = (getattr(planned, f"{stage}_tile_{k}") for k in ("size", "stride"))
+            assert stride % multiple == 0 and tile // 2 - multiple < stride <= tile // 2
 
 
 def test_batched_cfg_doubles_the_diffusion_cost() -> None:

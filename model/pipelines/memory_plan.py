@@ -165,7 +165,10 @@ def plan_tiles(
     fields = {}
     for stage, tile in chosen.items():
         fields[f"{stage}_tile_size"] = tile
-        fields[f"{stage}_tile_stride"] = None if tile is None else tile // 2
+        multiple = TILE_MULTIPLES[stage]  # half a tile, on the stage's grid
+        fields[f"{stage}_tile_stride"] = (
+            None if tile is None else max(multiple, tile // 2 // multiple * multiple)
+        )
     logger.info(
         "--max-memory %.1f GB at %dx%d: tiles %s (resident GB %s)", budget_gb, *processing_hw,
         chosen, {s: round(r / GIB, 1) for s, r in residents.items()},
