@@ -392,6 +392,8 @@ def _run(args: argparse.Namespace, dist: Dist) -> int:
             pipeline = build(args)
             if args.keep_weights_resident:
                 keep_weights_resident(pipeline)
+            if captioner is None:  # the prompts are known: free the text encoder before the check
+                release_text_encoder(pipeline, options, todo)
             if args.max_memory is not None:
                 from model.pipelines.memory_plan import check_budget
 

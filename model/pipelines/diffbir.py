@@ -219,7 +219,8 @@ class DiffBIRPipeline:
     @contextlib.contextmanager
     def _running(self, *modules: nn.Module) -> Iterator[None]:
         """The block runs `modules`: with CPU offload they are on the device for its duration;
-        with `page_idle_weights` their memory-mapped pages are handed back after it."""
+        with `page_idle_weights` their memory-mapped pages are handed back after it, and on a
+        CPU the heap's free pages too."""
         if self.offload:
             for module in modules:
                 module.to(self.device)
@@ -231,6 +232,8 @@ class DiffBIRPipeline:
                     module.to("cpu")
             if self.page_idle_weights:
                 release_file_pages(t for m in modules for t in m.state_dict().values())
+            if self.device.type == "cpu":
+                trim_heap()  # the block's freed activations, before the next stage allocates
 
     def stage_resident_bytes(self, options: PipelineOptions | None = None) -> dict[str, int]:
         """{stage: bytes resident while it runs} (process RSS on a CPU, torch's allocated bytes
