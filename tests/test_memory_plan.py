@@ -14,6 +14,7 @@ from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_plan import (
     COSTS,
     GIB,
+    HEADROOM,
     MemoryBudgetError,
     StageCost,
     chosen_tiles,
@@ -40,8 +41,8 @@ def _plan(budget_gb: float, side: int = 2048, resident: float = 1.0, **options) 
 
 
 def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
-    # 2048² px x 4 KiB = 16 GiB of activations (twice that for batched CFG): fits with 18 GB
-    assert set(_plan(18).values()) == {None}
+    # 2048² px x 4 KiB = 16 GiB of activations, 1 GiB resident: fits in 90% of 19 GB
+    assert set(_plan(19).values()) == {None} and set(_plan(18).values()) != {None}
     roomy, tight = _plan(10), _plan(2)
     for stage in COSTS:
         assert roomy[stage] is not None and tight[stage] is not None
@@ -50,7 +51,7 @@ def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
         # the chosen tile fits, one multiple more would not
         used = 1 + 4 * 1024 * roomy[stage] ** 2 / GIB
         grown = 1 + 4 * 1024 * (roomy[stage] + TILE_MULTIPLES[stage]) ** 2 / GIB
-        assert used <= 10 < grown
+        assert used <= 10 * HEADROOM < grown
     for budget in (1.9, 2.0, 2.3, 3.1, 4.7, 6.0):  # strides: half a tile, on the stage grid
         planned = plan_tiles(PipelineOptions(), (2048, 2048), budget, _everywhere(1), 4, costs=FLAT)
         for stage, multiple in TILE_MULTIPLES.items():
