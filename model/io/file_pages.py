@@ -20,9 +20,11 @@ mmap threshold from the heap and keeps them there when freed. `trim_heap` return
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import mmap
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,42 +39,49 @@ _PAGEMAP = Path("/proc/self/pagemap")
 _PRESENT, _SWAPPED, _FILE = (np.uint64(1 << bit) for bit in (63, 62, 61))
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of the process's private file-backed mappings."""
-    spans = []
-    for line in _MAPS.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1].endswith("p") and fields[4] != "0":
-            start, end = (int(v, 16) for v in fields[0].split("-"))
-            spans.append((start, end))
-    return spans
+# start-end perms offset dev inode: private (p) mappings with an inode (of a file)
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S{3}p \S+ \S+ ([1-9]\d*)", re.MULTILINE)
+
+
+def _file_mappings() -> tuple[list[int], list[int]]:
+    """Starts and ends of the process's private file-backed mappings, by address."""
+    spans = [(int(m[1], 16), int(m[2], 16)) for m in _MAPPING.finditer(_MAPS.read_text())]
+    spans.sort()
+    return [lo for lo, _ in spans], [hi for _, hi in spans]
 
 
 def _file_pages(tensors: Iterable[torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
-    """(address of the first page, pagemap entries) of the whole pages that each distinct CPU
-    storage among `tensors` has inside a private file mapping."""
-    if not sys.platform.startswith("linux") or not _MAPS.exists():
+    """(address of the first page, pagemap entries) of the whole pages under the CPU storages
+    of `tensors` that lie inside private file mappings. Storages of one mapping less than a
+    page apart are taken together (a file's tensors follow each other; the bytes between them
+    are the file's too), so a network's weights take a few reads."""
+    page, spans = mmap.PAGESIZE, {}
+    for tensor in tensors:
+        if tensor.device.type == "cpu":
+            storage = tensor.untyped_storage()
+            spans[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
+    if not spans or not sys.platform.startswith("linux") or not _MAPS.exists():
         return
-    spans, page, seen = _file_mappings(), mmap.PAGESIZE, set()
+    starts, ends = _file_mappings()
+    runs: list[list[int]] = []  # [mapping, start, end], merged
+    for start, end in sorted(spans.items()):
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or end > ends[i]:
+            continue
+        if runs and runs[-1][0] == i and start - runs[-1][2] < page:
+            runs[-1][2] = max(runs[-1][2], end)
+        else:
+            runs.append([i, start, end])
     try:
         pagemap = _PAGEMAP.open("rb")
     except OSError:
         return
     with pagemap:
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            start = storage.data_ptr()
-            if tensor.device.type != "cpu" or start in seen:
-                continue
-            seen.add(start)
-            end = start + storage.nbytes()
-            if not any(lo <= start and end <= hi for lo, hi in spans):
-                continue
+        for _, start, end in runs:
             first, last = -(-start // page) * page, end // page * page  # whole pages inside
-            if last <= first:
-                continue
-            pagemap.seek(first // page * 8)
-            yield first, np.frombuffer(pagemap.read((last - first) // page * 8), np.uint64)
+            if last > first:
+                pagemap.seek(first // page * 8)
+                yield first, np.frombuffer(pagemap.read((last - first) // page * 8), np.uint64)
 
 
 def _clean(flags: np.ndarray) -> np.ndarray:
@@ -121,6 +130,14 @@ def releasing_replaced(module: nn.Module, recurse: bool = True) -> Iterator[None
     yield
     kept = {t.untyped_storage().data_ptr() for t in tensors()}
     release_file_pages(t for t in before if t.untyped_storage().data_ptr() not in kept)
+
+
+def hand_back(modules: Iterable[nn.Module], weight_pages: bool = True) -> None:
+    """After `modules` ran: their memory-mapped weight pages (with `weight_pages`) and the
+    heap's free pages (their freed activations) back to the OS."""
+    if weight_pages:
+        release_file_pages(t for m in modules for t in (*m.parameters(), *m.buffers()))
+    trim_heap()
 
 
 def trim_heap() -> None:

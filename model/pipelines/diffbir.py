@@ -30,15 +30,15 @@ from model.diffusion.callbacks import StepCallback
 from model.diffusion.noise import randn_rows
 from model.diffusion.samplers import make_sampler
 from model.diffusion.schedule import Diffusion
-from model.io.file_pages import release_file_pages, trim_heap
+from model.io.file_pages import hand_back, trim_heap
 from model.nets.cldm import ControlLDM, cast_cldm
 from model.nets.stage1 import Stage1Model
 from model.ops.color_fix import color_fix
 from model.ops.device import PRECISIONS, cpu_has_native_bf16, precision_name, resolve_device
 from model.ops.sizing import RESIZES, pad_to_multiple, resize
 from model.ops.tiling import tiled_forward
-from model.pipelines.inputs import OutputType, to_batch, to_output
-from model.pipelines.memory_plan import chosen_tiles, plan_for_budget, stage_residents
+from model.pipelines import memory_plan
+from model.pipelines.inputs import OutputType, PipelineResult, to_batch, to_output
 from model.pipelines.options import PipelineOptions
 from model.pipelines.prompts import PromptCache, TextConditions
 from model.pipelines.sampling import (
@@ -54,25 +54,6 @@ VAE_PRECISIONS = ("auto", "fp32")
 
 # enable_vae_tiling(): the original CLI's --vae_encoder_tile_size / --vae_decoder_tile_size.
 VAE_TILE_SIZE = 256
-
-
-@dataclasses.dataclass
-class PipelineResult:
-    """Outputs of a pipeline call, at the output size.
-
-    Args:
-        images: the restored images: (B, 3, H, W) in [0, 1] on the device for output_type
-            "pt", else a list of PIL images or of HWC uint8 arrays (alpha re-attached where
-            the input had it).
-        stage1: the stage-1 images (I_reg) in the same form.
-        seeds: the seed of each image, None where a generator was given.
-        tiles: the tile sizes `max_memory_gb` chose ({stage: side or None}), else None.
-    """
-
-    images: Any
-    stage1: Any
-    seeds: list[int | None]
-    tiles: dict[str, int | None] | None = None
 
 
 class DiffBIRPipeline:
@@ -218,9 +199,8 @@ class DiffBIRPipeline:
 
     @contextlib.contextmanager
     def _running(self, *modules: nn.Module) -> Iterator[None]:
-        """The block runs `modules`: with CPU offload they are on the device for its duration;
-        with `page_idle_weights` their memory-mapped pages are handed back after it, and on a
-        CPU the heap's free pages too."""
+        """The block runs `modules`: with CPU offload on the device meanwhile; on a CPU their
+        weight pages (`page_idle_weights`) and the heap's free pages are handed back after."""
         if self.offload:
             for module in modules:
                 module.to(self.device)
@@ -230,28 +210,17 @@ class DiffBIRPipeline:
             if self.offload:
                 for module in modules:
                     module.to("cpu")
-            if self.page_idle_weights:
-                release_file_pages(t for m in modules for t in m.state_dict().values())
             if self.device.type == "cpu":
-                trim_heap()  # the block's freed activations, before the next stage allocates
+                hand_back(modules, weight_pages=self.page_idle_weights)
 
     def stage_resident_bytes(self, options: PipelineOptions | None = None) -> dict[str, int]:
-        """{stage: bytes resident while it runs} (process RSS on a CPU, torch's allocated bytes
-        on CUDA), predicted from what is resident now: a network whose weights come and go
-        (offloaded, or paged out when idle) counts while it runs (`memory_plan`)."""
-        options = options or self.options
-        networks: dict[str, list[nn.Module]] = {"stage1": [self.stage1], "vae_encoder": [],
-                                                "vae_decoder": [], "diffusion": []}  # fmt: skip
-        if self.cldm is not None:
-            vae = self.cldm.vae
-            networks.update(vae_encoder=[vae], vae_decoder=[vae],
-                            diffusion=[self.cldm.unet, self.cldm.controlnet])  # fmt: skip
-            if _rgb_guidance(options):
-                networks["diffusion"].append(vae)
-        cpu = self.device.type == "cpu"
-        return stage_residents(
-            networks, self.device, self.page_idle_weights if cpu else self.offload
+        """{stage: bytes resident while it runs} (CPU RSS, CUDA allocated), predicted from now:
+        networks whose weights come and go count while they run (`memory_plan`)."""
+        idle_out = self.page_idle_weights if self.device.type == "cpu" else self.offload
+        networks = memory_plan.stage_networks(
+            self.stage1, self.cldm, _rgb_guidance(options or self.options)
         )
+        return memory_plan.stage_residents(networks, self.device, idle_out)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -337,7 +306,7 @@ class DiffBIRPipeline:
         out_size = self.output_size(lq, options)
         if options.max_memory_gb is not None:
             residents = self.stage_resident_bytes(options)
-            options = plan_for_budget(options, out_size, len(lq), residents, self.dtype)
+            options = memory_plan.plan_for_budget(options, out_size, len(lq), residents, self.dtype)
         return resize(self.run_stage1(lq, options), out_size).clamp(0, 1)
 
     @torch.no_grad()
@@ -369,7 +338,7 @@ class DiffBIRPipeline:
         out_size = self.output_size(lq, options)
         if options.max_memory_gb is not None:
             residents = self.stage_resident_bytes(options)
-            options = plan_for_budget(options, out_size, batch, residents, self.dtype)
+            options = memory_plan.plan_for_budget(options, out_size, batch, residents, self.dtype)
         cond_img = self.run_stage1(lq, options)
         texts = TextConditions(captions, prompt_embeds, negative_prompt_embeds)
         sample = self._diffuse(cond_img, options, generators, texts, latents, callback)
@@ -378,7 +347,7 @@ class DiffBIRPipeline:
             images=resize(sample, out_size).clamp(0, 1),
             stage1=resize(cond_img, out_size).clamp(0, 1),
             seeds=used_seeds,
-            tiles=chosen_tiles(options) if options.max_memory_gb is not None else None,
+            tiles=memory_plan.chosen_tiles(options) if options.max_memory_gb is not None else None,
         )
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:

@@ -7,6 +7,7 @@ put back, as the CLI does with files.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -110,3 +111,22 @@ def to_output(images: Tensor, output_type: OutputType, alphas: Alphas) -> Any:
             array = np.concatenate([array, quantise(alpha, 8, "truncate")[..., None]], -1)
         out.append(Image.fromarray(array) if output_type == "pil" else array)
     return out
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """Outputs of a pipeline call, at the output size.
+
+    Args:
+        images: the restored images: (B, 3, H, W) in [0, 1] on the device for output_type
+            "pt", else a list of PIL images or of HWC uint8 arrays (alpha re-attached where
+            the input had it).
+        stage1: the stage-1 images (I_reg) in the same form.
+        seeds: the seed of each image, None where a generator was given.
+        tiles: the tile sizes `max_memory_gb` chose ({stage: side or None}), else None.
+    """
+
+    images: Any
+    stage1: Any
+    seeds: list[int | None]
+    tiles: dict[str, int | None] | None = None

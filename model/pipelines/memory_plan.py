@@ -95,6 +95,19 @@ def network_bytes(module: nn.Module, device: torch.device) -> tuple[int, int]:
     return sum(size for size, there in sizes if there), sum(size for size, _ in sizes)
 
 
+def stage_networks(
+    stage1: nn.Module, cldm: nn.Module | None, rgb_guidance: bool = False
+) -> dict[str, list[nn.Module]]:
+    """{stage: the networks it runs} of a pipeline (the VAE in the diffusion too with RGB
+    guidance); a stage-1-only pipeline runs nothing in the other stages."""
+    networks: dict[str, list[nn.Module]] = {stage: [] for stage in COSTS}
+    networks["stage1"] = [stage1]
+    if cldm is not None:
+        networks.update(vae_encoder=[cldm.vae], vae_decoder=[cldm.vae],
+                        diffusion=[cldm.unet, cldm.controlnet] + [cldm.vae] * rgb_guidance)  # fmt: skip
+    return networks
+
+
 def stage_residents(
     networks: Mapping[str, Sequence[nn.Module]], device: torch.device, idle_out: bool
 ) -> dict[str, int]:
