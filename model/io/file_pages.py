@@ -27,6 +27,7 @@ import mmap
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,13 @@ _PRESENT, _SWAPPED, _FILE = (np.uint64(1 << bit) for bit in (63, 62, 61))
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S{3}p \S+ \S+ ([1-9]\d*)", re.MULTILINE)
 
 
+_snapshot: ContextVar[tuple[list[int], list[int]] | None] = ContextVar("maps", default=None)
+
+
 def _file_mappings() -> tuple[list[int], list[int]]:
     """Starts and ends of the process's private file-backed mappings, by address."""
+    if (snapshot := _snapshot.get()) is not None:
+        return snapshot
     spans = [(int(m[1], 16), int(m[2], 16)) for m in _MAPPING.finditer(_MAPS.read_text())]
     spans.sort()
     return [lo for lo, _ in spans], [hi for _, hi in spans]
@@ -114,6 +120,19 @@ def pageable_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
         total += int(clean.sum()) * page
         resident += int((clean & ((flags & _PRESENT) != 0)).sum()) * page
     return resident, total
+
+
+@contextlib.contextmanager
+def one_maps_read() -> Iterator[None]:
+    """The releases inside the block look the mappings up once (reading /proc/self/maps takes
+    milliseconds; a cast releases after each of its thousands of submodules). Safe while the
+    tensors released stay alive: their mappings cannot go, and a mapping made later is only
+    missed (its pages stay)."""
+    token = _snapshot.set(_file_mappings())
+    try:
+        yield
+    finally:
+        _snapshot.reset(token)
 
 
 @contextlib.contextmanager

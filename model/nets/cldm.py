@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 
-from model.io.file_pages import releasing_replaced
+from model.io.file_pages import one_maps_read, releasing_replaced
 from model.nets.lacontrolnet import LAControlNet
 
 Cond = dict[str, torch.Tensor]
@@ -168,8 +168,9 @@ def cast_piecewise(module: nn.Module, dtype: torch.dtype) -> None:
     def to(target: torch.dtype) -> Callable[[Tensor], Tensor]:
         return lambda t: t.to(target) if t.is_floating_point() else t
 
-    for sub in module.modules():
-        with releasing_replaced(sub, recurse=False):
-            sub._apply(to(dtype), recurse=False)
-            if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
-                sub._apply(to(torch.float32), recurse=False)
+    with one_maps_read():
+        for sub in module.modules():
+            with releasing_replaced(sub, recurse=False):
+                sub._apply(to(dtype), recurse=False)
+                if isinstance(sub, nn.GroupNorm | nn.LayerNorm):
+                    sub._apply(to(torch.float32), recurse=False)
