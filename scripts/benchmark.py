@@ -15,7 +15,8 @@ depend on the values; held in anonymous memory), `--tiny` configs/tiny/, `--weig
 release via from_pretrained, memory-mapped as inference.py loads it (full-size random files in
 the released layouts: `scripts/make_tiny_weights.py --full-size`).
 `--method diffir` times `DiffIRPipeline` whole-image calls instead (no parts; DiffIR x4 with the
-released architecture, `--diffir-tile-size` tiles its DIRformer).
+released architecture, `--diffir-tile-size` tiles its DIRformer). `--precision-error` compares
+`--precision` with fp32 on the same weights instead (model/eval/precision_error.py).
 
     python -m scripts.benchmark --sizes 512,1024,2048 --steps 10 --precision fp16 --out bench.json
 """
@@ -29,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -47,6 +47,7 @@ from model.diffir.convert import model_kwargs
 from model.diffir.pipeline import RELEASED_X4, DiffIRPipeline
 from model.diffusion.samplers import SAMPLERS
 from model.eval.bench_tables import PARTS, WHOLE, format_table, summary_table
+from model.eval.precision_error import precision_errors
 from model.io.checkpoint import WeightFileError
 from model.io.images import write_image
 from model.io.logs import setup_logging
@@ -125,12 +126,6 @@ def parameter_counts(pipe: DiffBIRPipeline | DiffIRPipeline) -> dict[str, int]:
     modules = {"stage1": pipe.stage1, "controlnet": cldm.controlnet, "unet": cldm.unet,
                "vae": cldm.vae, "text_encoder": cldm.text_encoder}  # fmt: skip
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-
-
-def process_peak_memory() -> int:
-    """The process's lifetime peak RSS in bytes (loading included)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB else
 
 
 class Probe:
@@ -358,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("diffbir", "diffir"), default="diffbir", help="pipeline to time (diffir: DiffIR x4, whole-image calls only)")
     p.add_argument("--save-images", type=Path, help="write each size's LQ and last output there (lq_<size>.png, out_<size>.png)")
     p.add_argument("--calibrate-memory", action="store_true", help="measure each stage's activation memory at 256 and 512 px (the --max-memory cost model) instead of timing")
+    p.add_argument("--precision-error", action="store_true", help="compare --precision with fp32 on the same weights (relative L2 of each network call, whole-image PSNR; the first --sizes) instead of timing")
     p.add_argument("--diffir-tile-size", type=int, help="--method diffir: DIRformer tile size (LQ pixels)")
     p.add_argument("--diffir-tile-stride", type=int, help="--method diffir: DIRformer tile stride")
     p.add_argument("--sizes", type=_sizes, default="512", help="output sizes, e.g. 512,1024,2048 or 512x768")
@@ -424,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.table:
-        print(summary_table([json.loads(path.read_text()) for path in args.table], args.table))
+        try:
+            print(summary_table([json.loads(path.read_text()) for path in args.table], args.table))
+        except ValueError as exc:
+            parser.error(str(exc))
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -443,19 +442,32 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         build = diffir_pipeline if args.method == "diffir" else build_pipeline
+        compared, args.precision = (
+            args.precision,
+            "fp32" if args.precision_error else args.precision,
+        )
         pipe = build(args, device)
     except (MissingWeightsError, WeightFileError) as exc:  # names the files and where to get them
         log.error("%s", exc)
         return 1
     build_seconds = time.perf_counter() - start
-    build_peak = process_peak_memory() if device.type == "cpu" else peak_memory(device)
+    build_peak = peak_memory(device)  # no window opened yet: the process's peak so far
     parameters = parameter_counts(pipe)  # before the text encoder is freed
-    if args.calibrate_memory:
+    if args.calibrate_memory or args.precision_error:
+        if args.calibrate_memory:
+            key, result = "memory_calibration", calibrate(pipe)
+        else:
+            size = args.sizes[0][0]
+            key, result = (
+                "precision_error",
+                precision_errors(pipe, compared, size, args.steps, args.seed),
+            )
+        weights = {role: str(path) for role, path in pipe.weight_paths.items()}
         report = {**environment(pipe.device), "precision": pipe.precision,
-                  "memory_calibration": calibrate(pipe)}  # fmt: skip
+                  "weights": weights or "random", key: result}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(json.dumps(report["memory_calibration"], indent=1))
+        print(json.dumps(result, indent=1))
         return 0
     if args.method == "diffir":
         results = [bench_diffir_size(pipe, size, args) for size in args.sizes]

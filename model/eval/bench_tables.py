@@ -35,6 +35,10 @@ def summary_table(reports: list[dict[str, Any]], paths: list[Path]) -> str:
             "step s", "VAE dec s", "peak GiB", "4096² matmul s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for report, path in zip(reports, paths, strict=True):
+        if "results" not in report:
+            raise ValueError(
+                f"{path}: not a timing report (--calibrate-memory / --precision-error)"
+            )
         settings = report["settings"]
         for r in report["results"]:
             if "error" in r:
