@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m scripts.benchmark")
     p.add_argument("--method", choices=("diffbir", "diffir"), default="diffbir", help="pipeline to time (diffir: DiffIR x4, whole-image calls only)")
     p.add_argument("--save-images", type=Path, help="write each size's LQ and last output there (lq_<size>.png, out_<size>.png)")
-    p.add_argument("--calibrate-memory", action="store_true", help="measure each stage's activation memory at 256 and 512 px (the --max-memory cost model) instead of timing")
+    p.add_argument("--calibrate-memory", action="store_true", help="measure each stage's activation memory at --sizes (two or more; else 256 and 512 px), the --max-memory cost model, instead of timing")
     p.add_argument("--precision-error", action="store_true", help="compare --precision with fp32 on the same weights (relative L2 of each network call, whole-image PSNR; the first --sizes) instead of timing")
     p.add_argument("--diffir-tile-size", type=int, help="--method diffir: DIRformer tile size (LQ pixels)")
     p.add_argument("--diffir-tile-stride", type=int, help="--method diffir: DIRformer tile stride")
@@ -442,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         build = diffir_pipeline if args.method == "diffir" else build_pipeline
-        compared, args.precision = (
-            args.precision,
-            "fp32" if args.precision_error else args.precision,
-        )
+        compared = args.precision
+        if args.precision_error:  # built in fp32, then cast to the compared precision
+            args.precision = "fp32"
         pipe = build(args, device)
     except (MissingWeightsError, WeightFileError) as exc:  # names the files and where to get them
         log.error("%s", exc)
@@ -455,13 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     parameters = parameter_counts(pipe)  # before the text encoder is freed
     if args.calibrate_memory or args.precision_error:
         if args.calibrate_memory:
-            key, result = "memory_calibration", calibrate(pipe)
+            sizes = [h for h, _ in args.sizes] if len(args.sizes) > 1 else (256, 512)
+            key, result = "memory_calibration", calibrate(pipe, sizes)
         else:
-            size = args.sizes[0][0]
-            key, result = (
-                "precision_error",
-                precision_errors(pipe, compared, size, args.steps, args.seed),
-            )
+            key = "precision_error"
+            result = precision_errors(pipe, compared, args.sizes[0][0], args.steps, args.seed)
         weights = {role: str(path) for role, path in pipe.weight_paths.items()}
         report = {**environment(pipe.device), "precision": pipe.precision,
                   "weights": weights or "random", key: result}  # fmt: skip

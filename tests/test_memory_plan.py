@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_plan import (
     COSTS,
     GIB,
+    HALF_COSTS,
     HEADROOM,
     MemoryBudgetError,
     StageCost,
     chosen_tiles,
+    plan_for_budget,
     plan_tiles,
     resident_bytes,
     stage_residents,
@@ -38,6 +41,20 @@ def _plan(budget_gb: float, side: int = 2048, resident: float = 1.0, **options) 
     planned = plan_tiles(PipelineOptions(**options), (side, side), budget_gb,
                          _everywhere(resident), 4, costs=FLAT)  # fmt: skip
     return chosen_tiles(planned)
+
+
+def test_bf16_plans_with_its_own_measured_costs() -> None:
+    """Under autocast the diffusion's bf16 activations take more bytes than half of fp32's: a
+    bf16 2048² image at 6 GB (4 GiB resident) ran over with the fp32 table at 2 bytes, which
+    left the diffusion untiled."""
+    options, size, residents = PipelineOptions(max_memory_gb=6), (2048, 2048), _everywhere(4)
+    naive = chosen_tiles(plan_tiles(options, size, 6, residents, 2, costs=COSTS))
+    half = chosen_tiles(plan_for_budget(options, size, 1, residents, torch.bfloat16))
+    assert naive["diffusion"] is None and half["diffusion"] is not None
+    cost = HALF_COSTS["diffusion"]  # the tile fits the bf16 line with both CFG branches
+    assert 4 * GIB + cost.bytes(half["diffusion"] ** 2, 2, batch=2) <= 6 * GIB * HEADROOM
+    fp32 = chosen_tiles(plan_for_budget(options, size, 1, _everywhere(2), torch.float32))
+    assert fp32 == chosen_tiles(plan_tiles(options, size, 6, _everywhere(2), 4, costs=COSTS))
 
 
 def test_tiles_shrink_with_the_budget_and_vanish_when_the_image_fits() -> None:
@@ -105,3 +122,28 @@ def test_paged_weights_count_in_the_stages_that_run_them(tmp_path: Path) -> None
     assert abs(paged["stage1"] - paged["diffusion"] - 32 * MIB) < 2 * MIB
     assert abs(paged["vae_decoder"] - paged["diffusion"] - 8 * MIB) < 2 * MIB
     assert abs(kept["diffusion"] - paged["diffusion"] - 40 * MIB) < 2 * MIB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_a_cpu_budget_hands_freed_blocks_back_at_once() -> None:
+    """Under glibc's default threshold freed 256 KiB blocks stay in the RSS; once a budget's
+    residents are measured they leave it (a fresh process: the setting is process-wide)."""
+    script = """
+import torch
+from model.pipelines.memory_plan import resident_bytes, stage_residents
+cpu = torch.device("cpu")
+def retained():
+    blocks = [torch.ones(64 * 1024) for _ in range(256)]  # 64 MiB in 256 KiB blocks
+    pin = torch.ones(64 * 1024)  # above them: the freed blocks are not the heap's top
+    before = resident_bytes(cpu)
+    del blocks
+    return (before - resident_bytes(cpu)) / 2**20, pin
+print(retained()[0], end=" ")
+stage_residents({}, cpu, idle_out=True)
+print(retained()[0])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    freed_default, freed_budget = map(float, done.stdout.split())
+    assert freed_default < 16 and freed_budget > 56

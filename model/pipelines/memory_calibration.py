@@ -8,7 +8,6 @@ line through them gives (intercept, per_pixel), in elements (bytes / element siz
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import resource
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.io.file_pages import return_freed_blocks
 from model.pipelines.diffbir import DiffBIRPipeline
 from model.pipelines.memory_plan import resident_bytes
 from model.pipelines.options import PipelineOptions
@@ -77,18 +77,10 @@ def _stage_runs(pipe: DiffBIRPipeline, px: int) -> dict[str, Callable[[], Tensor
     }
 
 
-def _return_freed_memory() -> None:
-    """Make glibc hand every freed block over 64 KiB back to the system (a fixed mmap
-    threshold): with its default, growing threshold, freed activations stay in the heap and
-    later peaks do not show in the RSS."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-
-
 def calibrate(pipe: DiffBIRPipeline, sizes: Sequence[int] = (256, 512)) -> dict[str, Any]:
     """{stage: {"sizes", "activation_bytes", "intercept", "per_pixel"}} (elements)."""
     if pipe.device.type == "cpu":
-        _return_freed_memory()
+        return_freed_blocks()
     element = torch.finfo(pipe.dtype).bits // 8
     measured: dict[str, list[int]] = {}
     paging, pipe.page_idle_weights = pipe.page_idle_weights, False  # weights stay resident

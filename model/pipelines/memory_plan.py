@@ -7,8 +7,9 @@ fault in on first use and are paged out when idle, offloaded networks move to th
 while they run. The activations are linear in the
 pixels of one tile: `intercept + per_pixel * pixels` (scaled by the batch, and doubled for the
 batched CFG branches of the diffusion network). The coefficients were measured with full-size
-random weights by `python -m scripts.calibrate_memory` (results/bench/memory_*.json); per pixel
-and per byte of the run's element size, so one table serves fp32, bf16 and fp16.
+random weights by `python -m scripts.benchmark --calibrate-memory` (results/bench/memory_*.json),
+per pixel and per element of the run's precision: one table for fp32, one for bf16 and fp16
+(under autocast the activations are not simply half as large).
 
 For each stage the largest tile (a multiple of the stage's tile multiple, down to its minimum)
 whose predicted peak fits is chosen; the whole image when it fits untiled. A budget below the
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.io.file_pages import pageable_bytes
+from model.io.file_pages import pageable_bytes, return_freed_blocks, trim_heap
 from model.ops.sizing import short_side_size
 from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
 
@@ -47,15 +48,26 @@ class StageCost:
         return (self.intercept + self.per_pixel * pixels * batch) * element_bytes
 
 
-# Measured on the CPU (2 cores, torch 2.14.1, fp32, full-size random weights, 256 and 512 px;
-# results/bench/memory_cpu_fp32.json holds the raw peaks), in elements per pixel of the stage
-# input (stage1: processing size; VAE and diffusion: image pixels of a tile). GPU coefficients
-# have not been measured: the same per-element figures are used there.
+# Measured on the CPU (2 cores, torch 2.14.1, full-size random weights; results/bench/memory_*.json
+# hold the raw peaks), in elements per pixel of the stage input (stage1: processing size; VAE
+# and diffusion: image pixels of a tile) and of the run's element size. GPU coefficients have
+# not been measured: the same per-element figures are used there.
+# fp32, fitted through 256 and 512 px:
 COSTS: dict[str, StageCost] = {
     "stage1": StageCost(intercept=1.2e5, per_pixel=262.0),
     "vae_encoder": StageCost(intercept=1.4e5, per_pixel=643.0),
     "vae_decoder": StageCost(intercept=1.7e7, per_pixel=702.0),
     "diffusion": StageCost(intercept=2.9e7, per_pixel=62.0),
+}
+# bf16 (2-byte elements; fp16 too), fitted through 256 and 1024 px: the diffusion's activations
+# grow faster than its pixels (256 -> 512 -> 1024 px: 56, 83, 331 MiB), so the wider line
+# covers the tiles of large images, and under autocast its fp32 norms and casts take more
+# bytes than in fp32.
+HALF_COSTS: dict[str, StageCost] = {
+    "stage1": StageCost(intercept=0.0, per_pixel=272.0),
+    "vae_encoder": StageCost(intercept=8.0e5, per_pixel=646.0),
+    "vae_decoder": StageCost(intercept=2.5e7, per_pixel=747.0),
+    "diffusion": StageCost(intercept=2.0e7, per_pixel=147.0),
 }
 # Smallest tiles worth running (image pixels); diffusion tiles below 256 lose global coherence.
 MIN_TILES = {"stage1": 128, "vae_encoder": 128, "vae_decoder": 128, "diffusion": 256}
@@ -113,7 +125,12 @@ def stage_residents(
 ) -> dict[str, int]:
     """{stage: bytes resident while it runs}: what is resident now, less the weights of
     `networks` ({stage: the networks it runs}) that come and go, plus those of the stage's own
-    networks (of all of them unless idle networks are out: `idle_out`)."""
+    networks (of all of them unless idle networks are out: `idle_out`). On a CPU, freed blocks
+    go back to the OS from now on, as when the costs were measured (`return_freed_blocks`):
+    otherwise glibc keeps freed activations and the RSS runs up to 0.9 GiB ahead of them."""
+    if device.type == "cpu":
+        return_freed_blocks()
+        trim_heap()
     every = {id(m): m for modules in networks.values() for m in modules}
     sizes = {key: network_bytes(module, device) for key, module in every.items()}
     base = resident_bytes(device) - sum(now for now, _ in sizes.values())
@@ -210,7 +227,8 @@ def plan_for_budget(
     side = options.min_short_side
     processing = (h, w) if min(h, w) >= side else short_side_size(h, w, side)
     element = torch.finfo(dtype).bits // 8
-    return plan_tiles(options, processing, options.max_memory_gb, residents, element, batch)
+    costs = COSTS if element == 4 else HALF_COSTS
+    return plan_tiles(options, processing, options.max_memory_gb, residents, element, batch, costs)
 
 
 def chosen_tiles(options: PipelineOptions) -> dict[str, int | None]:
