@@ -214,8 +214,8 @@ class DiffBIRPipeline:
                 hand_back(modules, weight_pages=self.page_idle_weights)
 
     def stage_resident_bytes(self, options: PipelineOptions | None = None) -> dict[str, int]:
-        """{stage: bytes resident while it runs} (CPU RSS, CUDA allocated), predicted from now
-        (`memory_plan.stage_residents`)."""
+        """{stage: bytes resident while it runs} (CPU RSS, CUDA allocated), predicted from now:
+        networks whose weights come and go count while they run (`memory_plan`)."""
         idle_out = self.page_idle_weights if self.device.type == "cpu" else self.offload
         networks = memory_plan.stage_networks(
             self.stage1, self.cldm, _rgb_guidance(options or self.options)

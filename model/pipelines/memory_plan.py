@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.io.file_pages import pageable_bytes, return_freed_blocks, trim_heap
+from model.io.file_pages import pageable_bytes
 from model.ops.sizing import short_side_size
 from model.pipelines.options import TILE_MULTIPLES, PipelineOptions
 
@@ -125,12 +125,7 @@ def stage_residents(
 ) -> dict[str, int]:
     """{stage: bytes resident while it runs}: what is resident now, less the weights of
     `networks` ({stage: the networks it runs}) that come and go, plus those of the stage's own
-    networks (of all of them unless idle networks are out: `idle_out`). On a CPU, freed blocks
-    go back to the OS from now on, as when the costs were measured (`return_freed_blocks`):
-    otherwise glibc keeps freed activations and the RSS runs up to 0.9 GiB ahead of them."""
-    if device.type == "cpu":
-        return_freed_blocks()
-        trim_heap()
+    networks (of all of them unless idle networks are out: `idle_out`)."""
     every = {id(m): m for modules in networks.values() for m in modules}
     sizes = {key: network_bytes(module, device) for key, module in every.items()}
     base = resident_bytes(device) - sum(now for now, _ in sizes.values())
